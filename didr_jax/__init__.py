@@ -1,0 +1,1 @@
+"""didr_jax: Diff-Instruct with Diffused Reward (and DI, DI++, DI*) in JAX."""

@@ -1,0 +1,114 @@
+"""Meshes, logical->mesh axis rules and sharded creation of NNX models.
+
+Models name logical axes only (``nnx.with_partitioning(init, ("embed", "mlp"))``). Which mesh axis
+a logical name lands on is data (``RULES``, selected by name from config), so the same model code
+runs replicated on one CPU device, data-parallel, or FSDP/tensor-parallel on a pod.
+
+Every model must be created under :func:`model_context` (Flax's eager sharding refuses annotated
+parameters without a mesh); :func:`create_sharded` creates the parameters directly with their
+target sharding, so no full copy of a sharded model ever lives on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis names used by didr_jax models:
+#   batch      - the example axis of activations
+#   embed      - model width (the axis FSDP shards)
+#   mlp        - hidden width of feed-forwards / output features of projections
+#   heads      - attention heads
+#   conv_in / conv_out - input / output channels of convolutions
+#   norm       - scale/bias vectors (never sharded)
+RULES: dict[str, tuple[tuple[str, object], ...]] = {
+    "replicated": (
+        ("batch", ("data", "fsdp")), ("embed", None), ("mlp", None), ("heads", None),
+        ("conv_in", None), ("conv_out", None), ("norm", None), ("vocab", None),
+    ),
+    "fsdp": (
+        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", None), ("heads", None),
+        ("conv_in", None), ("conv_out", "fsdp"), ("norm", None), ("vocab", None),
+    ),
+    "fsdp_tp": (
+        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+        ("conv_in", None), ("conv_out", "fsdp"), ("norm", None), ("vocab", None),
+    ),
+}
+
+
+def get_rules(name: str):
+  if name not in RULES:
+    raise ValueError(f"sharding rules {name!r} unknown; choose one of {sorted(RULES)}")
+  return RULES[name]
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
+              devices=None) -> jax.sharding.Mesh:
+  """A mesh with Auto axis types; one -1 entry takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh.shape {tuple(shape)} has {len(shape)} entries but mesh.axes "
+                     f"{tuple(axis_names)} has {len(axis_names)}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape {tuple(shape)}: at most one entry may be -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"{len(devices)} available")
+  return jax.make_mesh(tuple(shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+def single_device_mesh(device=None) -> jax.sharding.Mesh:
+  return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
+
+
+@contextlib.contextmanager
+def model_context(mesh: jax.sharding.Mesh, rules):
+  """Mesh + logical rules in scope: where models are created, traced and restored."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    yield
+
+
+def abstract_model(make_model: Callable[[], nnx.Module], mesh, rules):
+  """(graphdef, abstract state) whose leaves are ShapeDtypeStructs with NamedShardings."""
+  with model_context(mesh, rules):
+    return nnx.get_abstract_model(make_model, mesh)
+
+
+def state_shardings(abstract_state):
+  return jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def create_sharded(make_model: Callable[[], nnx.Module], mesh, rules):
+  """Initialise a model with every parameter born with its target sharding.
+
+  Returns (graphdef, state). ``jax.jit`` alone does not keep the annotated shardings on outputs,
+  so the abstract model's shardings are passed as ``out_shardings``.
+  """
+  graphdef, abs_state = abstract_model(make_model, mesh, rules)
+  with model_context(mesh, rules):
+    state = jax.jit(lambda: nnx.split(make_model())[1],
+                    out_shardings=state_shardings(abs_state))()
+  return graphdef, state
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
+  """Leading axis split over every data-like mesh axis (data and fsdp)."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
