@@ -1,0 +1,85 @@
+"""The DIDR paper's toy experiment (METHOD.md section 4), the embedded default main job.
+
+  python -m didr_jax.main --config=configs/toy.py              # the paper's recipe (default)
+  python -m didr_jax.main --config=configs/toy.py:fast         # reduced, for tests and CI
+  python -m didr_jax.main --config=configs/toy.py --config.toy.beta=0.25 \
+      '--config.methods=("didr_exact","dipp")' --workdir=runs/beta025
+"""
+from ml_collections import config_dict
+
+
+def _optimizer(lr):
+  return config_dict.ConfigDict(dict(name="adam", lr=lr, b1=0.9, b2=0.999, eps=1e-8,
+                                     weight_decay=0.0, grad_clip=-1.0, warmup_steps=0,
+                                     mu_dtype="float32"))
+
+
+def get_config(arg: str = ""):
+  variant = arg or "paper"
+  if variant not in ("paper", "fast"):
+    raise ValueError(f"configs/toy.py: variant {variant!r} unknown; use '' (paper) or 'fast'")
+  c = config_dict.ConfigDict()
+  c.experiment = "toy"
+  c.variant = variant
+  c.seed = 0
+  c.methods = ("di", "dipp", "didr_exact", "didr_drp", "distar")
+
+  c.toy = config_dict.ConfigDict()
+  c.toy.means = ((-2.0,), (2.0,))   # one tuple per mode; its length is the dimension (1 or 2)
+  c.toy.stds = (0.5, 0.5)
+  c.toy.weights = (0.5, 0.5)
+  c.toy.tau = 0.25                  # reward r(x) = sigmoid(x[0] / tau)
+  c.toy.beta = 0.5                  # p* ~ q0 exp(r / beta)
+
+  c.schedule = config_dict.ConfigDict(dict(kind="continuous_vp", betas="linear",
+                                           beta_min=0.1, beta_max=20.0))
+  c.network = config_dict.ConfigDict(dict(width=64, depth=3, time_dim=16))
+  c.generator = config_dict.ConfigDict(dict(width=64, depth=3))
+
+  c.reference = config_dict.ConfigDict(dict(steps=10_000, batch=2048, t_min=1e-3))
+  c.reference.optimizer = _optimizer(3e-4)
+  c.distill = config_dict.ConfigDict(dict(steps=3_000, batch=2048, ddim_steps=30, pool_size=131_072))
+  c.distill.optimizer = _optimizer(1e-3)
+
+  c.align = config_dict.ConfigDict()
+  c.align.steps = 6_000
+  c.align.batch = 2048
+  c.align.k_ta = 5
+  c.align.ta_t_range = (1e-3, 1.0)
+  c.align.gen_t_range = (0.02, 0.98)
+  c.align.ema_decay = 0.0
+  c.align.ta_optimizer = _optimizer(3e-4)
+  c.align.gen_optimizer = _optimizer(1e-4)
+
+  c.objective = config_dict.ConfigDict()
+  c.objective.weighting = "plain"
+  c.objective.alpha_rew = 1.0 / c.toy.get_ref("beta")   # DI++/DI*: same nominal trade-off as DIDR
+  c.objective.drp_k = 2
+  c.objective.drp_t_max = -1.0
+  c.objective.distar_c = 1.0
+  c.objective.cfg_placement = "in"
+  c.objective.cfg_w = 0.0
+
+  c.eval = config_dict.ConfigDict(dict(num_samples=10_000, drp_bias_ks=(1, 2, 4),
+                                       drp_bias_samples=4096, t_bins=10))
+  c.mesh = config_dict.ConfigDict(dict(shape=(-1, 1, 1), rules="replicated"))
+  c.train = config_dict.ConfigDict(dict(steps_per_chunk=200, log_every_chunks=5))
+  c.checkpoint = config_dict.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
+
+  if variant == "fast":
+    c.reference.steps = 1_500
+    c.reference.batch = 512
+    c.distill.steps = 600
+    c.distill.batch = 512
+    c.distill.ddim_steps = 20
+    c.distill.pool_size = 16_384
+    c.align.steps = 400
+    c.align.batch = 512
+    c.eval.num_samples = 4_000
+    c.eval.drp_bias_samples = 1024
+    c.network.width = 32
+    c.generator.width = 32
+    c.train.steps_per_chunk = 100
+    c.train.log_every_chunks = 1
+    c.checkpoint.every_steps = 200
+  return c

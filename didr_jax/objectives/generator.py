@@ -1,0 +1,142 @@
+"""Generator pseudo-losses of DI, DI++, DI* and DIDR (METHOD.md section 3).
+
+Each is a scalar whose gradient w.r.t. the generator parameters is the method's gradient.
+Networks arrive as closures over their (frozen or current) parameters:
+  generate(z, cond) -> x0                 the one-step generator (the only thing differentiated)
+  ta(x, t, cond) -> (D, eps_hat)          the teaching assistant s_psi
+  ref(x, t, cond, guided) -> (D, eps_hat) the frozen reference, guided (augmented CFG) or plain
+  reward(x0, cond) -> r [B]               differentiable reward of a clean sample
+  exact_drs(x, t, cond) -> DRS            optional analytic DRS (toy / tests)
+Per-sample reductions: sum over non-batch dims, mean over the batch. Score differences, norms and
+normalisers are float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from didr_jax.diffusion import at_least_f32, broadcast_to
+from didr_jax.objectives.drs import drp_denoise, drp_weight
+
+METHODS = ("di", "dipp", "distar", "didr")
+WEIGHTINGS = ("plain", "dmd2")
+DRS_SOURCES = ("exact", "drp")
+CFG_PLACEMENTS = ("in", "out")
+
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  method: str = "didr"
+  weighting: str = "plain"        # plain: w'(t) = 1; dmd2: w' = 1 / mean|x0 - D_ref| per sample
+  alpha_rew: float = 1.0          # DI++ / DI* endpoint reward scale
+  beta: float = 1.0               # DIDR KL strength: p* ~ q0 exp(r / beta)
+  drs: str = "drp"                # DIDR DRS source
+  drp_k: int = 2                  # DRP DDIM steps
+  drp_t_max: float = -1.0         # DRP term only for t <= t_max (< 0: no cut-off)
+  distar_c: float = 1.0           # Pseudo-Huber constant
+  cfg_placement: str = "in"       # DI*: guided reference inside y ("in") or as implicit reward ("out")
+  cfg_w: float = 0.0              # augmented guidance scale of the reference (0: no guidance)
+
+  def __post_init__(self):
+    for name, value, allowed in (("method", self.method, METHODS),
+                                 ("weighting", self.weighting, WEIGHTINGS),
+                                 ("drs", self.drs, DRS_SOURCES),
+                                 ("cfg_placement", self.cfg_placement, CFG_PLACEMENTS)):
+      if value not in allowed:
+        raise ValueError(f"objective.{name}={value!r} unknown; choose one of {allowed}")
+    if self.beta <= 0:
+      raise ValueError(f"objective.beta must be > 0, got {self.beta}")
+    if self.drp_k < 1:
+      raise ValueError(f"objective.drp_k must be >= 1, got {self.drp_k}")
+    if self.distar_c <= 0:
+      raise ValueError(f"objective.distar_c must be > 0, got {self.distar_c}")
+
+
+def _per_sample_sum(x):
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def _batch_dot(g, x):
+  """mean_b sum_i g_bi x_bi with g under stop-gradient: the pseudo-loss whose grad is g dx/dtheta."""
+  return jnp.mean(_per_sample_sum(sg(g) * x))
+
+
+def kl_weight(cfg: ObjectiveConfig, x0, d_ref):
+  """w'(t) per sample: 1 (plain) or the DMD2 normaliser 1 / mean|x0 - D_ref| (no gradient)."""
+  if cfg.weighting == "plain":
+    return jnp.ones((x0.shape[0],), jnp.float32)
+  norm = jnp.mean(jnp.abs(sg(x0) - sg(d_ref)).reshape(x0.shape[0], -1), axis=-1)
+  return jnp.nan_to_num(1.0 / norm, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule, z, cond, t, eps,
+                   exact_drs=None):
+  """(pseudo-loss, metrics) of ``cfg.method`` for one batch; see the module docstring."""
+  x0 = at_least_f32(generate(z, cond))
+  a, s = schedule.alpha_sigma(t)
+  ab, sb = broadcast_to(a, x0), broadcast_to(s, x0)
+  x_t = ab * x0 + sb * eps
+  if cfg.method == "distar":
+    return _distar_loss(cfg, x0, x_t, t, a, s, eps, ta=ta, ref=ref, reward=reward, cond=cond)
+
+  d_ta, _ = ta(sg(x_t), t, cond)
+  d_ref, _ = ref(sg(x_t), t, cond, True)
+  w = kl_weight(cfg, x0, d_ref)
+  g = broadcast_to(w, x0) * (d_ta - d_ref)
+  metrics = {"kl_grad_norm": jnp.mean(jnp.sqrt(_per_sample_sum(g ** 2)))}
+  loss = jnp.zeros((), jnp.float32)
+  if cfg.method == "didr":
+    keep = jnp.ones_like(t, jnp.float32) if cfg.drp_t_max < 0 else (t <= cfg.drp_t_max).astype(jnp.float32)
+    if cfg.drs == "exact":
+      if exact_drs is None:
+        raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
+      shift = broadcast_to(w * keep, x0) * (sb ** 2 / ab) * exact_drs(sg(x_t), t, cond)
+      g = g - shift
+      metrics["drs_grad_norm"] = jnp.mean(jnp.sqrt(_per_sample_sum(shift ** 2)))
+    else:
+      lam = sg(drp_weight(schedule, t, w) * keep)
+      phi = drp_denoise(lambda x, tt, c: ref(x, tt, c, True), schedule, x_t, t, cond, cfg.drp_k)
+      r_phi = reward(phi, cond)
+      loss = loss - jnp.mean(lam * r_phi) / cfg.beta
+      metrics["drp_reward"] = jnp.mean(r_phi)
+  loss = loss + _batch_dot(g, x0)
+  if cfg.method == "dipp":
+    r0 = reward(x0, cond)
+    loss = loss - cfg.alpha_rew * jnp.mean(r0)
+  metrics["reward"] = jnp.mean(sg(reward(sg(x0), cond))) if cfg.method != "dipp" else jnp.mean(sg(r0))
+  metrics["gen_loss"] = loss
+  return loss, metrics
+
+
+def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
+  """DI*: -alpha r(x0) - w(t) d'(y)^T (s_psi(x_t) + eps / s_t), y = s_psi - s~_ref.
+
+  Gradients flow through x_t into both factors and through the frozen networks' inputs.
+  [choice] w(t) = s_t^2 / a_t, which makes the term O(|D_psi - x0|) across noise levels.
+  """
+  xb = x_t
+  ab, sb = broadcast_to(a, xb), broadcast_to(s, xb)
+  d_ta, _ = ta(xb, t, cond)
+  s_ta = (ab * d_ta - xb) / sb ** 2
+  d_in, _ = ref(xb, t, cond, cfg.cfg_placement == "in")
+  s_ref = (ab * d_in - xb) / sb ** 2
+  y = at_least_f32(s_ta - s_ref)
+  norm = jnp.sqrt(_per_sample_sum(y ** 2) + cfg.distar_c ** 2)
+  d_prime = y / broadcast_to(norm, y)
+  weight = s ** 2 / a
+  div = _per_sample_sum(d_prime * (s_ta + eps / sb))
+  r0 = reward(x0, cond)
+  loss = -cfg.alpha_rew * jnp.mean(r0) - jnp.mean(weight * div)
+  metrics = {"pseudo_huber": jnp.mean(sg(norm - cfg.distar_c))}
+  if cfg.cfg_placement == "out" and cfg.cfg_w != 0.0:
+    d_c, _ = ref(sg(x_t), t, cond, False)
+    d_g, _ = ref(sg(x_t), t, cond, True)
+    # guided - plain = w (D_c - D_u): the implicit CFG reward as a DI++-style IKL term.
+    loss = loss - _batch_dot(d_g - d_c, x0)
+  metrics["reward"] = jnp.mean(sg(r0))
+  metrics["gen_loss"] = loss
+  return loss, metrics

@@ -1,0 +1,258 @@
+"""The toy pipeline: reference DSM -> generator distillation -> every alignment method -> metrics.
+
+Each phase checkpoints into ``workdir/checkpoints/<phase>`` and resumes from it; a finished method
+leaves ``workdir/methods/<name>.npz`` so a rerun of the same command skips it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from didr_jax import log
+from flax import nnx
+
+from didr_jax import sharding
+from didr_jax.diffusion import ddim_sample, make_schedule
+from didr_jax.objectives import ObjectiveConfig, dsm_loss, drp_estimate, mixture_drs
+from didr_jax.training import state as st
+from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.loop import StopSignal, run_chunks
+from didr_jax.training.metrics import MetricWriter
+from didr_jax.training.steps import StepConfig, compile_chunk, make_fit_step, make_outer_step, scan_chunk
+from didr_jax.training.task import Task
+from didr_jax.toy import report
+from didr_jax.toy.networks import Denoiser, Generator
+from didr_jax.toy.problem import ToyProblem, sample_metrics, target_summary
+
+METHOD_OBJECTIVES = {"di": ("di", "exact"), "dipp": ("dipp", "exact"), "didr_exact": ("didr", "exact"),
+                     "didr_drp": ("didr", "drp"), "distar": ("distar", "exact")}
+
+
+def identities(cfg) -> dict:
+  """What each phase's checkpoint depends on (a mismatch is refused before training)."""
+  d = cfg.to_dict()
+  prior = {k: d["toy"][k] for k in ("means", "stds", "weights")}
+  ref = {"seed": d["seed"], "prior": prior, "schedule": d["schedule"], "network": d["network"],
+         "reference": d["reference"]}
+  distill = dict(ref, generator=d["generator"], distill=d["distill"])
+  out = {"reference": ref, "distill": distill}
+  for m in cfg.methods:
+    out[m] = dict(distill, toy=d["toy"], align=d["align"], objective=d["objective"], method=m)
+  return out
+
+
+def objective_config(cfg, method: str) -> ObjectiveConfig:
+  name, drs = METHOD_OBJECTIVES[method]
+  o = cfg.objective
+  return ObjectiveConfig(method=name, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
+                         beta=float(cfg.toy.beta), drs=drs, drp_k=int(o.drp_k),
+                         drp_t_max=float(o.drp_t_max), distar_c=float(o.distar_c),
+                         cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
+
+
+class Toy:
+  """Networks, task and shardings of the toy, built once per run."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.problem = ToyProblem.from_config(cfg.toy)
+    self.schedule = make_schedule(cfg.schedule)
+    self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    self.rules = sharding.get_rules(cfg.mesh.rules)
+    d = self.problem.dim
+    n, g = cfg.network, cfg.generator
+    self.den_graph, self.ref_init = sharding.create_sharded(
+        lambda: Denoiser(d, n.width, n.depth, n.time_dim, rngs=nnx.Rngs(cfg.seed)), self.mesh, self.rules)
+    self.gen_graph, self.gen_init = sharding.create_sharded(
+        lambda: Generator(d, g.width, g.depth, rngs=nnx.Rngs(cfg.seed + 1)), self.mesh, self.rules)
+    self.batch_sh = sharding.batch_sharding(self.mesh, 2)
+    problem, beta = self.problem, float(cfg.toy.beta)
+    self.task = Task(
+        schedule=self.schedule, prediction="eps", sample_shape=(d,),
+        generator_apply=lambda p, z, c: nnx.merge(self.gen_graph, p)(z),
+        network_apply=lambda p, x, t, c: nnx.merge(self.den_graph, p)(x, t),
+        reward_apply=lambda frozen, x0, c: problem.reward(x0),
+        ta_t_range=tuple(cfg.align.ta_t_range), gen_t_range=tuple(cfg.align.gen_t_range),
+        exact_drs=lambda x, t, c: mixture_drs(problem.mixture, problem.reward1d, beta, x,
+                                              *self.schedule.alpha_sigma(t)))
+
+  def constrain(self, x):
+    return jax.lax.with_sharding_constraint(x, self.batch_sh)
+
+  def ddim_grid(self, steps: int):
+    return jnp.linspace(1.0, self.cfg.reference.t_min, steps)
+
+  def reference_samples(self, ref_params, z, steps: int):
+    return ddim_sample(self.task.denoiser(ref_params), z, self.ddim_grid(steps), self.schedule)
+
+  def generate(self, gen_params, z):
+    return self.task.generator_apply(gen_params, z, None)
+
+
+def _fit_phase(toy: Toy, name, loss_fn, params, opt_cfg, steps, frozen, ckpt: Checkpointer, writer, stop):
+  cfg = toy.cfg
+  tx = st.make_optimizer(opt_cfg)
+  with sharding.model_context(toy.mesh, toy.rules):
+    state = st.init_fit_state(params=params, tx=tx, seed=cfg.seed, mesh=toy.mesh)
+    restored = ckpt.restore(state)
+    state = restored if restored is not None else state
+    if int(jax.device_get(state.step)) >= steps:
+      return state.params
+    chunk = compile_chunk(scan_chunk(make_fit_step(loss_fn, tx), cfg.train.steps_per_chunk),
+                          state, frozen, None, toy.mesh, name)
+    state = run_chunks(name=name, state=state, frozen=frozen, chunk=chunk,
+                       steps_per_chunk=cfg.train.steps_per_chunk, num_steps=steps,
+                       conds_for=lambda step: None, checkpointer=ckpt, writer=writer, stop=stop,
+                       log_every_chunks=cfg.train.log_every_chunks)
+  return state.params
+
+
+def train_reference(toy: Toy, ckpt, writer, stop):
+  cfg, problem, schedule = toy.cfg, toy.problem, toy.schedule
+  b = cfg.reference.batch
+
+  def loss_fn(params, key, frozen):
+    kx, kt, ke = jax.random.split(key, 3)
+    x0 = toy.constrain(problem.sample_q0(kx, b))
+    t = jax.random.uniform(kt, (b,), minval=cfg.reference.t_min, maxval=1.0)
+    eps = toy.constrain(jax.random.normal(ke, x0.shape))
+    return dsm_loss(toy.task.denoiser(params), x0, t, eps, schedule)
+
+  return _fit_phase(toy, "reference", loss_fn, toy.ref_init, cfg.reference.optimizer,
+                    cfg.reference.steps, {}, ckpt, writer, stop)
+
+
+def distill_generator(toy: Toy, ref_params, ckpt, writer, stop):
+  """Regress g(z) on 30-step DDIM samples of the reference started from the same z.
+
+  The (z, DDIM(z)) pairs are drawn once into a fixed pool (deterministic, so a resume sees the
+  same pool) and minibatches are sampled from it: 30 reference calls per pair instead of per step.
+  """
+  cfg = toy.cfg
+  b, d, n = cfg.distill.batch, toy.problem.dim, cfg.distill.pool_size
+  pool_z = jax.random.normal(jax.random.PRNGKey(cfg.seed + 11), (n, d))
+  pool_z = jax.device_put(pool_z, toy.batch_sh)
+  pool_x = jax.jit(lambda p, z: toy.reference_samples(p, z, cfg.distill.ddim_steps))(ref_params, pool_z)
+  repl = sharding.replicated(toy.mesh)
+  frozen = {"z": jax.device_put(pool_z, repl), "x": jax.device_put(pool_x, repl)}
+
+  def loss_fn(params, key, frozen):
+    idx = jax.random.randint(key, (b,), 0, n)
+    z, target = toy.constrain(frozen["z"][idx]), toy.constrain(frozen["x"][idx])
+    loss = jnp.mean((toy.generate(params, z) - target) ** 2)
+    return loss, {"distill_loss": loss}
+
+  return _fit_phase(toy, "distill", loss_fn, toy.gen_init, cfg.distill.optimizer, cfg.distill.steps,
+                    frozen, ckpt, writer, stop)
+
+
+def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop):
+  cfg = toy.cfg
+  obj = objective_config(cfg, method)
+  gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay)
+  outer, _, _ = make_outer_step(toy.task, obj, step_cfg, gen_tx, ta_tx, batch_sharding=toy.batch_sh)
+  frozen = {"ref": ref_params}
+  with sharding.model_context(toy.mesh, toy.rules):
+    copy = jax.jit(st.copy_tree)
+    state = st.init_train_state(gen_params=copy(gen_params), ta_params=copy(ref_params), gen_tx=gen_tx,
+                                ta_tx=ta_tx, ema=cfg.align.ema_decay > 0, seed=cfg.seed + 7, mesh=toy.mesh)
+    restored = ckpt.restore(state)
+    state = restored if restored is not None else state
+    if int(jax.device_get(state.step)) < cfg.align.steps:
+      chunk = compile_chunk(scan_chunk(outer, cfg.train.steps_per_chunk), state, frozen, None,
+                            toy.mesh, f"align/{method}")
+      state = run_chunks(name=method, state=state, frozen=frozen, chunk=chunk,
+                         steps_per_chunk=cfg.train.steps_per_chunk, num_steps=cfg.align.steps,
+                         conds_for=lambda step: None, checkpointer=ckpt, writer=writer, stop=stop,
+                         log_every_chunks=cfg.train.log_every_chunks)
+  return state
+
+
+def drp_bias(toy: Toy, ref_params, gen_params, key) -> dict:
+  """Relative error of the DRP (learned reference) against the exact DRS, per t-bin and K."""
+  cfg, problem, task = toy.cfg, toy.problem, toy.task
+  n, bins = cfg.eval.drp_bias_samples, cfg.eval.t_bins
+  lo, hi = cfg.align.gen_t_range
+  kz, kt, ke = jax.random.split(key, 3)
+  x0 = toy.generate(gen_params, jax.random.normal(kz, (n, problem.dim)))
+  edges = np.linspace(lo, hi, bins + 1)
+  # Stratified t: n / bins samples per bin.
+  u = jax.random.uniform(kt, (bins, n // bins))
+  t = (jnp.asarray(edges[:-1])[:, None] + u * (edges[1] - edges[0])).reshape(-1)
+  x0 = x0[: t.shape[0]]
+  a, s = toy.schedule.alpha_sigma(t)
+  x_t = a[:, None] * x0 + s[:, None] * jax.random.normal(ke, x0.shape)
+  exact = task.exact_drs(x_t, t, None)
+  ref = task.denoiser(ref_params)
+  out = {"t_edges": edges.tolist(), "beta": float(cfg.toy.beta), "K": {}}
+  for k in cfg.eval.drp_bias_ks:
+    est = jax.jit(lambda x, tt: drp_estimate(ref, lambda y, c: problem.reward(y), toy.schedule,
+                                             x, tt, None, int(k), float(cfg.toy.beta)))(x_t, t)
+    err = np.asarray(jnp.linalg.norm(est - exact, axis=-1)).reshape(bins, -1)
+    mag = np.asarray(jnp.linalg.norm(exact, axis=-1)).reshape(bins, -1)
+    out["K"][str(int(k))] = [float(e) for e in err.mean(1) / np.maximum(mag.mean(1), 1e-12)]
+  return out
+
+
+def run(cfg, workdir: str) -> dict:
+  """The whole toy experiment; writes config.json, results.{json,md}, samples.npz, densities.png,
+  drp_bias.json, metrics.jsonl into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  ids = identities(cfg)
+  ckpts = {name: Checkpointer(os.path.join(workdir, "checkpoints", name), identity=ident,
+                              max_to_keep=cfg.checkpoint.keep, save_every=cfg.checkpoint.every_steps,
+                              async_save=cfg.checkpoint.async_save)
+           for name, ident in ids.items()}
+  for c in ckpts.values():        # refuse a foreign workdir before any training
+    c.check_identity()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
+  writer = MetricWriter(workdir)
+  toy = Toy(cfg)
+  eval_z = jax.random.normal(jax.random.PRNGKey(cfg.seed + 100), (cfg.eval.num_samples, toy.problem.dim))
+  eval_z = jax.device_put(eval_z, toy.batch_sh)
+  results = {"target": target_summary(toy.problem), "methods": {}}
+  samples = {}
+  with StopSignal() as stop:
+    t0 = time.time()
+    ref_params = train_reference(toy, ckpts["reference"], writer, stop)
+    gen_params = distill_generator(toy, ref_params, ckpts["distill"], writer, stop)
+    results["pretraining_wall_s"] = time.time() - t0
+    samples["reference"] = np.asarray(jax.jit(lambda p, z: toy.reference_samples(
+        p, z, cfg.distill.ddim_steps))(ref_params, eval_z))
+    samples["generator_init"] = np.asarray(jax.jit(toy.generate)(gen_params, eval_z))
+    for name in ("reference", "generator_init"):
+      results[name] = sample_metrics(toy.problem, samples[name])
+    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+    for method in cfg.methods:
+      done = os.path.join(workdir, "methods", f"{method}.npz")
+      if os.path.exists(done):
+        with np.load(done) as f:
+          samples[method], wall = f["samples"], float(f["wall_s"])
+        log.info("[%s] already finished; reusing %s", method, done)
+      else:
+        t1 = time.time()
+        state = align(toy, method, ref_params, gen_params, ckpts[method], writer, stop)
+        samples[method] = np.asarray(jax.jit(toy.generate)(state.gen_params, eval_z))
+        wall = time.time() - t1
+        if method == "didr_drp":
+          bias = drp_bias(toy, ref_params, state.gen_params, jax.random.PRNGKey(cfg.seed + 200))
+          if jax.process_index() == 0:
+            with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
+              json.dump(bias, f, indent=2)
+        if jax.process_index() == 0:
+          np.savez(done + ".tmp.npz", samples=samples[method], wall_s=wall)
+          os.replace(done + ".tmp.npz", done)
+      results["methods"][method] = dict(sample_metrics(toy.problem, samples[method]), wall_s=wall)
+  for c in ckpts.values():
+    c.close()
+  writer.close()
+  if jax.process_index() == 0:
+    report.write_all(workdir, toy.problem, results, samples)
+  return results

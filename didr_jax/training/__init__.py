@@ -1,0 +1,1 @@
+"""Model-agnostic functional trainer: TrainState, jitted TA/generator steps, loop, checkpoints."""

@@ -1,0 +1,80 @@
+"""Orbax CheckpointManager wrapper: async, keep-N, every-N, config-checked, exact resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from didr_jax.training.state import abstract_of
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a checkpoint written by a different config."""
+
+
+def _diff(saved: dict, current: dict, prefix="") -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
+  return out
+
+
+def _normalise(d):
+  """Round-trip through JSON so tuples compare equal to the lists orbax gives back."""
+  return json.loads(json.dumps(d))
+
+
+class Checkpointer:
+  def __init__(self, directory: str, *, identity: dict, max_to_keep: int, save_every: int,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.identity = _normalise(identity)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_every,
+            enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def check_identity(self):
+    """Raise (before any training) if the latest checkpoint came from a different config."""
+    step = self.manager.latest_step()
+    if step is None:
+      return
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    diffs = _diff(meta["identity"], self.identity)
+    if diffs:
+      raise ConfigMismatchError(f"{self.directory} holds a checkpoint of a different config: "
+                                + "; ".join(diffs[:5]))
+
+  def restore(self, like):
+    """Restore the latest checkpoint onto the shardings of ``like``; None when there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    self.check_identity()
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_of(like)), meta=ocp.args.JsonRestore()))
+    return out["state"]
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    """Every process calls this (orbax synchronises); ``force`` ignores the save interval."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0

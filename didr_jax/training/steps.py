@@ -1,0 +1,131 @@
+"""Pure train steps: TA DSM update, generator update, K_TA:1 outer step, scanned chunks.
+
+Every function here is ``(state, frozen, conds) -> (state, metrics)`` and is jitted by
+:func:`compile_chunk` with explicit shardings and donation of the state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from didr_jax import log
+
+from didr_jax.objectives import ObjectiveConfig, dsm_loss, generator_loss
+from didr_jax.training.state import FitState, TrainState, abstract_of, shardings_of
+from didr_jax.training.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  batch_size: int
+  k_ta: int
+  ema_decay: float = 0.0           # 0: no EMA
+
+
+def _guarded_update(tx, params, opt, grads, loss):
+  """Apply the update only when loss and gradients are finite (a NaN/Inf step is skipped)."""
+  gnorm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+  updates, new_opt = tx.update(grads, opt, params)
+  new_params = optax.apply_updates(params, updates)
+  pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return pick(new_params, params), pick(new_opt, opt), gnorm, ok
+
+
+def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_tx, ta_tx,
+                    batch_sharding=None):
+  """One alignment step: k_ta TA updates then one generator update (plus EMA)."""
+  shape = (step_cfg.batch_size,) + tuple(task.sample_shape)
+
+  def constrain(x):
+    return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+
+  def gen_samples(gen_params, key, cond):
+    return task.generator_apply(gen_params, constrain(jax.random.normal(key, shape)), cond)
+
+  def ta_update(state: TrainState, frozen, cond):
+    rng, kz, kt, ke = jax.random.split(state.rng, 4)
+    x0 = jax.lax.stop_gradient(gen_samples(state.gen_params, kz, cond))
+    t = task.sample_t(kt, step_cfg.batch_size, task.ta_t_range)
+    eps = constrain(jax.random.normal(ke, shape))
+    loss_fn = lambda p: dsm_loss(task.denoiser(p), x0, t, eps, task.schedule, cond)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.ta_params)
+    params, opt, gnorm, ok = _guarded_update(ta_tx, state.ta_params, state.ta_opt, grads, loss)
+    metrics = dict(metrics, ta_grad_norm=gnorm, ta_skipped=1.0 - ok.astype(jnp.float32))
+    return state.replace(ta_params=params, ta_opt=opt, rng=rng), metrics
+
+  def gen_update(state: TrainState, frozen, cond):
+    rng, kz, kt, ke = jax.random.split(state.rng, 4)
+    z = constrain(jax.random.normal(kz, shape))
+    t = task.sample_t(kt, step_cfg.batch_size, task.gen_t_range)
+    eps = constrain(jax.random.normal(ke, shape))
+    ref = task.denoiser(jax.lax.stop_gradient(frozen["ref"]), obj.cfg_w)
+    ta = task.denoiser(jax.lax.stop_gradient(state.ta_params))
+    reward = lambda x0, c: task.reward_apply(jax.lax.stop_gradient(frozen), x0, c)
+
+    def loss_fn(p):
+      return generator_loss(obj, generate=lambda zz, c: task.generator_apply(p, zz, c), ta=ta,
+                            ref=ref, reward=reward, schedule=task.schedule, z=z, cond=cond, t=t,
+                            eps=eps, exact_drs=task.exact_drs)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_params)
+    params, opt, gnorm, ok = _guarded_update(gen_tx, state.gen_params, state.gen_opt, grads, loss)
+    ema = state.gen_ema
+    if ema is not None:
+      d = step_cfg.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    bad = jnp.where(ok, 0, state.bad_steps + 1)
+    metrics = dict(metrics, gen_grad_norm=gnorm, gen_skipped=1.0 - ok.astype(jnp.float32))
+    return state.replace(gen_params=params, gen_opt=opt, gen_ema=ema, rng=rng,
+                         step=state.step + 1, bad_steps=bad), metrics
+
+  def outer_step(state: TrainState, frozen, cond):
+    def ta_body(st, _):
+      return ta_update(st, frozen, cond)
+    state, ta_metrics = jax.lax.scan(ta_body, state, None, length=step_cfg.k_ta)
+    state, gen_metrics = gen_update(state, frozen, cond)
+    metrics = dict(gen_metrics, **{k: v[-1] for k, v in ta_metrics.items()})
+    metrics["ta_skipped"] = jnp.sum(ta_metrics["ta_skipped"])
+    return state, metrics
+
+  return outer_step, ta_update, gen_update
+
+
+def make_fit_step(loss_fn: Callable, tx):
+  """Supervised step for ``loss_fn(params, key) -> (loss, metrics)`` (pre-training phases)."""
+  def fit_step(state: FitState, frozen, cond):
+    rng, key = jax.random.split(state.rng)
+    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_fn(p, key, frozen), has_aux=True)(state.params)
+    params, opt, gnorm, ok = _guarded_update(tx, state.params, state.opt, grads, loss)
+    metrics = dict(metrics, grad_norm=gnorm, skipped=1.0 - ok.astype(jnp.float32))
+    return state.replace(params=params, opt=opt, rng=rng, step=state.step + 1), metrics
+  return fit_step
+
+
+def scan_chunk(step_fn: Callable, num_steps: int):
+  """``num_steps`` steps in one ``lax.scan``; conds carry a leading [num_steps] axis (or None)."""
+  def chunk(state, frozen, conds):
+    def body(st, cond):
+      return step_fn(st, frozen, cond)
+    state, metrics = jax.lax.scan(body, state, conds, length=num_steps)
+    return state, metrics
+  return chunk
+
+
+def compile_chunk(chunk_fn, state, frozen, conds, mesh, name: str):
+  """AOT-compile ``chunk_fn`` with explicit in/out shardings and the state donated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  state_sh = shardings_of(state)
+  abs_in = (abstract_of(state), abstract_of(frozen), abstract_of(conds))
+  in_sh = (state_sh, shardings_of(frozen), shardings_of(conds))
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(chunk_fn, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
+                      donate_argnums=(0,)).lower(*abs_in)
+    compiled = lowered.compile()
+  log.info("compiled %s in %.1fs", name, time.time() - t0)
+  return compiled

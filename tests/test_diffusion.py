@@ -1,0 +1,96 @@
+"""Schedules, parameterisation conversions, DDIM and CFG."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from didr_jax.diffusion import (PREDICTIONS, Schedule, cfg, ddim_sample, ddim_step, from_denoiser,
+                                score, to_denoiser)
+
+SCHEDULES = [Schedule("discrete_vp"), Schedule("discrete_vp", betas="linear", beta_start=1e-4, beta_end=2e-2),
+             Schedule("continuous_vp"), Schedule("continuous_vp", betas="cosine"), Schedule("rectified_flow")]
+
+
+def _times(s: Schedule, n=7):
+  lo, hi = s.t_range
+  return jnp.linspace(lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo), n)
+
+
+def test_discrete_schedule_matches_diffusers():
+  from diffusers import DDPMScheduler
+  for betas, start, end in (("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 2e-2)):
+    ref = DDPMScheduler(beta_schedule=betas, beta_start=start, beta_end=end).alphas_cumprod.numpy()
+    ours = Schedule("discrete_vp", betas=betas, beta_start=start, beta_end=end)
+    a, s = ours.alpha_sigma(jnp.arange(1000))
+    np.testing.assert_allclose(np.asarray(a) ** 2, ref, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(s) ** 2, 1 - ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}")
+def test_vp_and_flow_coefficients(sched):
+  a, s = sched.alpha_sigma(_times(sched))
+  if sched.kind == "rectified_flow":
+    np.testing.assert_allclose(a + s, 1.0, atol=1e-6)
+  else:
+    np.testing.assert_allclose(a ** 2 + s ** 2, 1.0, atol=1e-5)
+  assert np.all(np.diff(np.asarray(a)) < 0), "a_t must decrease with t"
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}")
+def test_conversions_round_trip(prediction, sched):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  t = _times(sched)
+  a, s = sched.alpha_sigma(t)
+  x0 = jax.random.normal(k1, (t.shape[0], 4, 3))
+  eps = jax.random.normal(k2, x0.shape)
+  x = a[:, None, None] * x0 + s[:, None, None] * eps
+  # The exact network output for this (x0, eps) pair must map back to (x0, eps).
+  out = from_denoiser(x0, x, a, s, prediction)
+  d, e = to_denoiser(out, x, a, s, prediction)
+  chex.assert_trees_all_close(d, x0, atol=2e-4, rtol=1e-4)
+  chex.assert_trees_all_close(e, eps, atol=2e-4, rtol=1e-4)
+  chex.assert_trees_all_close(score(d, x, a, s), -eps / s[:, None, None], atol=1e-3, rtol=1e-4)
+  random_out = jax.random.normal(k3, x.shape)
+  d2, _ = to_denoiser(random_out, x, a, s, prediction)
+  chex.assert_trees_all_close(from_denoiser(d2, x, a, s, prediction), random_out, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES[::2], ids=lambda s: s.kind)
+def test_ddim_exact_for_point_mass_prior(sched):
+  """With q0 = delta(c) the exact denoiser is c everywhere; DDIM must land on c exactly."""
+  c = jnp.array([[1.5, -0.5]])
+  lo, hi = sched.t_range
+  ts = jnp.linspace(hi * 0.99, lo + 0.01 * (hi - lo), 12)
+
+  def denoise(x, t, cond):
+    a, s = sched.alpha_sigma(t)
+    d = jnp.broadcast_to(c, x.shape)
+    return d, (x - a[:, None] * d) / s[:, None]
+
+  z = jax.random.normal(jax.random.PRNGKey(1), (5, 2))
+  out = jax.jit(lambda z: ddim_sample(denoise, z, ts, sched))(z)
+  chex.assert_trees_all_close(out, jnp.broadcast_to(c, out.shape), atol=1e-5)
+  # A single step also keeps the trajectory on the exact probability-flow path x_t = a c + s eps.
+  a0, s0 = sched.alpha_sigma(ts[:1])
+  x = a0[:, None] * c + s0[:, None] * z
+  d, e = denoise(x, jnp.full((5,), ts[0]), None)
+  a1, s1 = sched.alpha_sigma(ts[1])
+  chex.assert_trees_all_close(ddim_step(d, e, a1, s1), a1 * c + s1 * (x - a0[:, None] * c) / s0[:, None],
+                              atol=1e-5)
+
+
+def test_cfg_augmented_equals_diffusers_form():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  oc, ou = jax.random.normal(k1, (3, 4)), jax.random.normal(k2, (3, 4))
+  for w in (0.0, 1.0, 7.5):
+    chex.assert_trees_all_close(cfg(oc, ou, w), ou + (1 + w) * (oc - ou), atol=1e-5)
+  chex.assert_trees_all_close(cfg(oc, ou, 0.0), oc)
+
+
+def test_bad_schedule_fields_named():
+  with pytest.raises(ValueError, match="schedule.kind"):
+    Schedule("ddpm")
+  with pytest.raises(ValueError, match="schedule.betas"):
+    Schedule("continuous_vp", betas="scaled_linear")
