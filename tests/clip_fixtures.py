@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-import clip_torch_env  # noqa: F401  (torchvision workaround; must precede transformers)
+from tests import clip_torch_env  # noqa: F401  (torchvision workaround; must precede transformers)
 import torch
 
 # Token ids: tiny vocab 1000; EOS 999 is the largest id so argmax pooling finds it.
@@ -51,21 +51,24 @@ def hf_text_model(folder, *, act, projection, legacy_eos, seed=0, prefixed=False
   return model
 
 
-def hf_clip_config(act="gelu"):
+REAL_VOCAB, REAL_EOS = 49408, 49407  # for end-to-end tests through the real CLIP tokenizer
+
+
+def hf_clip_config(act="gelu", vocab=VOCAB, eos=EOS):
   from transformers import CLIPConfig
   return CLIPConfig(
-      text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4, hidden_act=act, bos_token_id=0, pad_token_id=1,
-                       eos_token_id=EOS),
+                       eos_token_id=eos),
       vision_config=dict(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=37,
                          num_hidden_layers=2, num_attention_heads=4, hidden_act=act),
       projection_dim=16)
 
 
-def hf_clip_model(folder, *, act="gelu", seed=0, logit_scale=None):
+def hf_clip_model(folder, *, act="gelu", seed=0, logit_scale=None, vocab=VOCAB, eos=EOS):
   from transformers import CLIPModel
   torch.manual_seed(seed)
-  model = CLIPModel(hf_clip_config(act)).eval()
+  model = CLIPModel(hf_clip_config(act, vocab, eos)).eval()
   if logit_scale is not None:
     with torch.no_grad():
       model.logit_scale.fill_(logit_scale)
@@ -78,20 +81,30 @@ OPENCLIP_CFG = dict(embed_dim=16,
                     text_cfg=dict(context_length=77, vocab_size=VOCAB, width=32, heads=4, layers=2))
 
 
-def open_clip_model(path, *, quick_gelu=False, seed=0):
+def open_clip_model(path, *, quick_gelu=False, seed=0, vocab=VOCAB):
   """open_clip.model.CLIP with OPENCLIP_CFG, state dict written as safetensors to ``path``."""
   clip_torch_env.open_clip()
   from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
   from safetensors.torch import save_file
   torch.manual_seed(seed)
   model = CLIP(embed_dim=OPENCLIP_CFG["embed_dim"], vision_cfg=CLIPVisionCfg(**OPENCLIP_CFG["vision_cfg"]),
-               text_cfg=CLIPTextCfg(**OPENCLIP_CFG["text_cfg"]), quick_gelu=quick_gelu).eval()
+               text_cfg=CLIPTextCfg(**{**OPENCLIP_CFG["text_cfg"], "vocab_size": vocab}),
+               quick_gelu=quick_gelu).eval()
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
   return model
 
 
-def openclip_config_dict(quick_gelu=False):
-  return {**OPENCLIP_CFG, "quick_gelu": quick_gelu}
+def openclip_config_dict(quick_gelu=False, vocab=VOCAB):
+  return {**OPENCLIP_CFG, "quick_gelu": quick_gelu,
+          "text_cfg": {**OPENCLIP_CFG["text_cfg"], "vocab_size": vocab}}
+
+
+def tokenizer_folder(folder):
+  """A transformers CLIPTokenizer folder built from the real BPE file inside open_clip_torch."""
+  from didr_jax.text import write_clip_tokenizer_files
+  oc = clip_torch_env.open_clip()
+  gz = os.path.join(os.path.dirname(oc.__file__), "bpe_simple_vocab_16e6.txt.gz")
+  return write_clip_tokenizer_files(gz, folder)
 
 
 def nchw(x_nhwc):

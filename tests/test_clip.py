@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
+from tests import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
 import torch
 
 import jax
@@ -16,7 +16,7 @@ from didr_jax.models import from_transformers
 from didr_jax.models import clip_loading
 from didr_jax.models.clip import l2_normalize
 from didr_jax.models.clip_loading import CheckpointArchitectureError, from_open_clip
-from didr_jax.text import TokenizerFilesError, load_clip_tokenizer, write_clip_tokenizer_files
+from didr_jax.text import TokenizerFilesError, load_clip_tokenizer
 from didr_jax.weights import WeightFileError, WeightMismatchError
 from didr_jax.weights.safetensors_io import read_safetensors, write_safetensors
 
@@ -225,9 +225,7 @@ def test_open_clip_loader_rejects_other_checkpoints(tmp_path, hf_clip, openclip)
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-  oc = cf.clip_torch_env.open_clip()
-  gz = os.path.join(os.path.dirname(oc.__file__), "bpe_simple_vocab_16e6.txt.gz")
-  return write_clip_tokenizer_files(gz, str(tmp_path_factory.mktemp("tok")))
+  return cf.tokenizer_folder(str(tmp_path_factory.mktemp("tok")))
 
 
 def test_tokenizer_matches_open_clip(tokenizer_folder):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
-from didr_jax.models.layers import dense, embedding
+from didr_jax.models.layers import dense, embedding, layer_norm
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -102,14 +102,6 @@ def activation(name: str):
   raise ValueError(f"CLIP activation {name!r} unsupported; choose one of {ACTIVATIONS}")
 
 
-def _layer_norm(features, eps, *, rngs, dtype, param_dtype):
-  # Two-pass variance: CLIP residual streams can have large means (see MODELS.md 1.2).
-  return nnx.LayerNorm(
-      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-      rngs=rngs, scale_init=nnx.with_partitioning(_init.ones_init(), ("norm",)),
-      bias_init=nnx.with_partitioning(_init.zeros_init(), ("norm",)))
-
-
 class _Opts:
   """Runtime options shared by every submodule (not part of the architecture config)."""
 
@@ -154,9 +146,9 @@ class EncoderLayer(nnx.Module):
   """Pre-LN block: x += attn(ln1(x)); x += mlp(ln2(x))."""
 
   def __init__(self, cfg, *, causal, opts: _Opts, rngs):
-    self.layer_norm1 = _layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
+    self.layer_norm1 = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.self_attn = Attention(cfg.width, cfg.heads, causal=causal, opts=opts, rngs=rngs)
-    self.layer_norm2 = _layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
+    self.layer_norm2 = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act, opts=opts, rngs=rngs)
 
   def __call__(self, x):
@@ -204,7 +196,7 @@ class CLIPTextModel(nnx.Module):
     self.position_embedding = _param(rngs, _init.normal(0.01), (cfg.max_positions, cfg.width),
                                      (None, "embed"), param_dtype)
     self.encoder = Encoder(cfg, causal=True, opts=opts, rngs=rngs)
-    self.final_layer_norm = _layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
+    self.final_layer_norm = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.text_projection = None if cfg.projection_dim is None else dense(
         cfg.width, cfg.projection_dim, axes=("embed", None), use_bias=False, rngs=rngs, **opts.kw)
 
@@ -256,9 +248,9 @@ class CLIPVisionModel(nnx.Module):
     self.class_embedding = _param(rngs, _init.normal(0.02), (cfg.width,), ("embed",), param_dtype)
     self.position_embedding = _param(rngs, _init.normal(0.01), (cfg.num_positions, cfg.width),
                                      (None, "embed"), param_dtype)
-    self.pre_layernorm = _layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
+    self.pre_layernorm = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.encoder = Encoder(cfg, causal=False, opts=opts, rngs=rngs)
-    self.post_layernorm = _layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
+    self.post_layernorm = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.visual_projection = None if cfg.projection_dim is None else dense(
         cfg.width, cfg.projection_dim, axes=("embed", None), use_bias=False, rngs=rngs, **opts.kw)
 
