@@ -56,10 +56,10 @@ def aesthetic_mlp(in_dim):
   return AestheticMLP(in_dim).eval()
 
 
-def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None):
-  """(scores[B], d sum(scores) / d images [NHWC]) from the torch model."""
-  x = cf.nchw(images_nhwc).requires_grad_(True)
-  px = preprocess(x, cf.IMAGE, mode)
+def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None, size=cf.IMAGE, grad=True):
+  """(scores[B], d sum(scores) / d images [NHWC] or None) from the torch model."""
+  x = cf.nchw(images_nhwc).requires_grad_(grad)
+  px = preprocess(x, size, mode)
   img = model.get_image_features(pixel_values=px).pooler_output if hf else model.encode_image(px)
   img = img / img.norm(dim=-1, keepdim=True)
   if kind == "aesthetic":
@@ -75,5 +75,7 @@ def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None):
       scores = model.logit_scale.exp() * cos
     else:
       scores = 100 * cos.clamp(min=0)
+  if not grad:
+    return scores.detach().numpy(), None
   scores.sum().backward()
   return scores.detach().numpy(), x.grad.numpy().transpose(0, 2, 3, 1)
