@@ -48,11 +48,35 @@ def main(argv):
   return 0
 
 
-def entry():
+INPUT_ERRORS = ("ConfigError", "ConfigMismatchError", "WeightFileError", "WeightMismatchError")
+
+
+def _bad_override_line(argv, err) -> str:
+  """One line naming the offending --config.* override and the parser's reason."""
+  reason = str(err).replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+  reason = " ".join(reason.strip("'\" ").split())
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      field = arg[2:].split("=", 1)[0]
+      if field.rsplit(".", 1)[-1] in reason:
+        return f"{field}: invalid override ({reason})"
+  return f"invalid flags ({reason})"
+
+
+def _parse_flags(argv):
+  """absl flag parsing (applies --config.* overrides); a bad flag is one line and exit code 2."""
   try:
-    app.run(main)
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"error: {_bad_override_line(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry(argv=None):
+  try:
+    app.run(main, argv=argv, flags_parser=_parse_flags)
   except ValueError as e:  # config and input errors: one line, non-zero exit
-    if type(e).__name__ in ("ConfigError", "ConfigMismatchError", "WeightFileError", "WeightMismatchError"):
+    if type(e).__name__ in INPUT_ERRORS:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     raise

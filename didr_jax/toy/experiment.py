@@ -36,12 +36,16 @@ def identities(cfg) -> dict:
   """What each phase's checkpoint depends on (a mismatch is refused before training)."""
   d = cfg.to_dict()
   prior = {k: d["toy"][k] for k in ("means", "stds", "weights")}
+  # The step count is not part of a phase's identity: raising it continues a finished run.
+  no_steps = lambda group: {k: v for k, v in d[group].items() if k != "steps"}
   ref = {"seed": d["seed"], "prior": prior, "schedule": d["schedule"], "network": d["network"],
-         "reference": d["reference"]}
-  distill = dict(ref, generator=d["generator"], distill=d["distill"])
+         "reference": no_steps("reference")}
+  distill = dict(ref, generator=d["generator"], distill=no_steps("distill"),
+                 reference_steps=d["reference"]["steps"])
   out = {"reference": ref, "distill": distill}
   for m in cfg.methods:
-    out[m] = dict(distill, toy=d["toy"], align=d["align"], objective=d["objective"], method=m)
+    out[m] = dict(distill, toy=d["toy"], align=no_steps("align"), objective=d["objective"], method=m,
+                  distill_steps=d["distill"]["steps"])
   return out
 
 
@@ -57,11 +61,11 @@ def objective_config(cfg, method: str) -> ObjectiveConfig:
 class Toy:
   """Networks, task and shardings of the toy, built once per run."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, devices=None):
     self.cfg = cfg
     self.problem = ToyProblem.from_config(cfg.toy)
     self.schedule = make_schedule(cfg.schedule)
-    self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
     self.rules = sharding.get_rules(cfg.mesh.rules)
     d = self.problem.dim
     n, g = cfg.network, cfg.generator
@@ -161,7 +165,7 @@ def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop):
     copy = jax.jit(st.copy_tree)
     state = st.init_train_state(gen_params=copy(gen_params), ta_params=copy(ref_params), gen_tx=gen_tx,
                                 ta_tx=ta_tx, ema=cfg.align.ema_decay > 0, seed=cfg.seed + 7, mesh=toy.mesh)
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(state) if ckpt is not None else None
     state = restored if restored is not None else state
     if int(jax.device_get(state.step)) < cfg.align.steps:
       chunk = compile_chunk(scan_chunk(outer, cfg.train.steps_per_chunk), state, frozen, None,

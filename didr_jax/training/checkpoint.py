@@ -66,7 +66,12 @@ class Checkpointer:
     return out["state"]
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Every process calls this (orbax synchronises); ``force`` ignores the save interval."""
+    """Every process calls this (orbax synchronises); ``force`` ignores the save interval.
+
+    A step that is already saved (an interval save followed by a forced one) is not rewritten.
+    """
+    if self.manager.latest_step() == step:
+      return False
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)

@@ -28,7 +28,7 @@ class StepConfig:
 
 def _guarded_update(tx, params, opt, grads, loss):
   """Apply the update only when loss and gradients are finite (a NaN/Inf step is skipped)."""
-  gnorm = optax.global_norm(grads)
+  gnorm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   updates, new_opt = tx.update(grads, opt, params)
   new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,118 @@
+"""The toy through the CLI: SIGTERM saves and exits 0, the rerun resumes and writes every output;
+bad input stops before training with one line naming the field."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
+         "--config.reference.batch=256", "--config.distill.batch=256", "--config.align.batch=256",
+         "--config.eval.num_samples=2000", "--config.eval.drp_bias_samples=400",
+         "--config.checkpoint.every_steps=100", "--config.network.width=16", "--config.generator.width=16"]
+ENV = dict(os.environ, XLA_FLAGS="")   # the CLI runs on 1 CPU device, as a user's laptop does
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "didr_jax.main", "--config=configs/toy.py:fast", f"--workdir={workdir}",
+          *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """Start the run, SIGTERM it during the first alignment method, then rerun the same command."""
+  workdir = str(tmp_path_factory.mktemp("toy") / "run")
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True)
+  lines = []
+  try:
+    for line in proc.stderr:
+      lines.append(line)
+      if "[di] step" in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    _, rest = proc.communicate(timeout=300)
+    lines.append(rest)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  first = "".join(lines)
+  assert proc.returncode == 0, first[-3000:]
+  assert "stopped by signal 15" in first, first[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert os.listdir(os.path.join(workdir, "checkpoints", "di")), "SIGTERM must leave a checkpoint"
+  second = subprocess.run(_cmd(workdir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  return workdir, first, second.stderr
+
+
+def test_rerun_resumes_instead_of_restarting(finished_run):
+  _, _, second = finished_run
+  assert "compiled reference" not in second and "compiled distill" not in second
+  assert "[di] step 200/200" in second and "[di] step 100/200" not in second
+
+
+def test_outputs_complete_and_consistent(finished_run):
+  from configs.toy import get_config
+  from didr_jax.toy.problem import ToyProblem, sample_metrics
+  workdir, _, _ = finished_run
+  for name in ("config.json", "results.json", "results.md", "samples.npz", "densities.png",
+               "drp_bias.json", "metrics.jsonl"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  methods = ["di", "dipp", "didr_exact", "didr_drp", "distar"]
+  assert list(results["methods"]) == methods
+  assert 0.85 < results["target"]["p_pos"] < 0.91
+  cfg = get_config("fast")
+  problem = ToyProblem.from_config(cfg.toy)
+  with np.load(os.path.join(workdir, "samples.npz")) as f:
+    samples = dict(f)
+  assert set(samples) == set(methods) | {"reference", "generator_init"}
+  for name in methods:
+    m = results["methods"][name]
+    assert samples[name].shape == (2000, 1)
+    for key in ("p_pos", "w1", "kl_hist", "off_manifold", "reward_mean", "wall_s"):
+      assert np.isfinite(m[key]), (name, key)
+    recomputed = sample_metrics(problem, samples[name])
+    for key in ("p_pos", "w1", "kl_hist", "off_manifold", "reward_mean"):
+      assert recomputed[key] == pytest.approx(m[key], rel=1e-9, abs=1e-12), (name, key)
+    assert m["p_pos"] == pytest.approx(float(np.mean(samples[name][:, 0] > 0)))
+  with open(os.path.join(workdir, "drp_bias.json")) as f:
+    bias = json.load(f)
+  assert sorted(bias["K"]) == ["1", "2", "4"]
+  assert all(len(v) == 10 and np.all(np.isfinite(v)) for v in bias["K"].values())
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert all(f"| {m} |" in table for m in methods)
+  with open(os.path.join(workdir, "densities.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workdir_of_another_config_is_refused(finished_run):
+  workdir, _, _ = finished_run
+  out = subprocess.run(_cmd(workdir, "--config.toy.beta=0.3"), cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2
+  last = out.stderr.strip().splitlines()[-1]
+  assert "different config" in last and "toy.beta" in last, last
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.toy.betta=0.5", "config.toy.betta"),
+    ("--config.toy.beta=0", "config.toy.beta"),
+    ("--config.toy.beta=-1", "config.toy.beta"),
+    ("--config.toy.weights=(0.5,0.6)", "config.toy.weights"),
+    ("--config.objective.drp_k=0", "config.objective.drp_k"),
+    ("--config.methods=('di','ppo')", "config.methods"),
+])
+def test_bad_input_one_line_naming_the_field(tmp_path, override, field):
+  out = subprocess.run(_cmd(str(tmp_path / "w"), override), cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"error: {field}"), lines[-3:]
+  assert not os.path.exists(tmp_path / "w" / "checkpoints"), "nothing may be trained or written"
