@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
+from tests import reward_imagereward as ri
 from tests import reward_torch as rt
 import torch
 
@@ -26,7 +27,7 @@ PROMPTS = ["a photo of a red cat", "an astronaut riding a horse on the moon"]
 # name: (score kind of the torch reference, preprocessing mode, input height, width)
 CASES = {"aesthetic": ("aesthetic", "crop", 40, 40), "pickscore": ("logit", "crop", 48, 40),
          "clipscore": ("clipscore", "crop", 36, 52), "hpsv2": ("cosine", "pad", 40, 24),
-         "hpsv2.1": ("cosine", "pad", 24, 40)}
+         "hpsv2.1": ("cosine", "pad", 24, 40), "imagereward": ("imagereward", "crop", 40, 36)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -56,13 +57,16 @@ def setup(tmp_path_factory):
   head = rt.aesthetic_mlp(16)
   write_safetensors(str(root / "head.safetensors"), _head_tensors(head))
   oc_cfg = cf.openclip_config_dict(vocab=cf.REAL_VOCAB)
+  ir_ref = ri.build(str(root / "imagereward"))
   kw = {"aesthetic": dict(path=str(root / "head.safetensors"), clip=str(root / "openai")),
         "pickscore": dict(path=str(root / "pick"), tokenizer=tok),
         "clipscore": dict(path=str(root / "openai"), tokenizer=tok),
         "hpsv2": dict(path=str(root / "hps.safetensors"), tokenizer=tok, config=oc_cfg),
-        "hpsv2.1": dict(path=str(root / "hps.safetensors"), tokenizer=tok, config=oc_cfg)}
+        "hpsv2.1": dict(path=str(root / "hps.safetensors"), tokenizer=tok, config=oc_cfg),
+        "imagereward": dict(path=str(root / "imagereward" / "ImageReward.safetensors"),
+                            vision=ri.vision_config())}
   refs = {"aesthetic": (quick, True), "pickscore": (gelu, True), "clipscore": (quick, True),
-          "hpsv2": (oc, False), "hpsv2.1": (oc, False)}
+          "hpsv2": (oc, False), "hpsv2.1": (oc, False), "imagereward": (ir_ref, None)}
   loaded = {name: rewards.load(name, **kw[name]) for name in CASES}
   return dict(root=root, tok=tok, kw=kw, refs=refs, head=head, rewards=loaded)
 
@@ -79,7 +83,13 @@ def test_reward_matches_torch_scores_and_pixel_grads(setup, name):
   images = _images(h, w)
   ids = None if kind == "aesthetic" else reward.tokenize(PROMPTS)
   model, hf = setup["refs"][name]
-  want, want_grad = rt.score_and_grad(kind, model, images, ids, hf=hf, mode=mode, head=setup["head"])
+  if name == "imagereward":
+    x = cf.nchw(images).requires_grad_(True)
+    scores = model.score(x, ids)
+    scores.sum().backward()
+    want, want_grad = scores.detach().numpy(), x.grad.numpy().transpose(0, 2, 3, 1)
+  else:
+    want, want_grad = rt.score_and_grad(kind, model, images, ids, hf=hf, mode=mode, head=setup["head"])
   got, grad = scores_and_grad(reward, reward.params, images, ids)
   assert got.shape == (2,)
   assert cf.rel_err(got, want) <= 1e-4, (got, want)
@@ -162,6 +172,12 @@ def test_bad_inputs_named_errors(setup, tmp_path):
                  tokenizer=setup["tok"], config=kw["hpsv2"]["config"])
   with pytest.raises(CheckpointArchitectureError, match="aesthetic head"):  # CLIP file as head
     rewards.load("aesthetic", kw["hpsv2"]["path"], clip=kw["aesthetic"]["clip"])
+  ir = kw["imagereward"]
+  with pytest.raises(CheckpointArchitectureError, match="not an ImageReward checkpoint"):
+    rewards.load("imagereward", kw["hpsv2"]["path"], med_config=os.path.join(os.path.dirname(ir["path"]),
+                 "med_config.json"), tokenizer=os.path.dirname(ir["path"]), vision=ir["vision"])
+  with pytest.raises(TokenizerFilesError, match="vocab.txt"):
+    rewards.load("imagereward", ir["path"], tokenizer=str(tmp_path), vision=ir["vision"])
 
 
 def _convert_pth(pth, out):

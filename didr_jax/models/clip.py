@@ -102,7 +102,7 @@ def activation(name: str):
   raise ValueError(f"CLIP activation {name!r} unsupported; choose one of {ACTIVATIONS}")
 
 
-class _Opts:
+class RuntimeOptions:
   """Runtime options shared by every submodule (not part of the architecture config)."""
 
   def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32, attention="xla", remat="none"):
@@ -117,7 +117,7 @@ class _Opts:
 
 
 class Attention(nnx.Module):
-  def __init__(self, width, heads, *, causal, opts: _Opts, rngs):
+  def __init__(self, width, heads, *, causal, opts: RuntimeOptions, rngs):
     self.q_proj = dense(width, width, axes=("embed", "heads"), rngs=rngs, **opts.kw)
     self.k_proj = dense(width, width, axes=("embed", "heads"), rngs=rngs, **opts.kw)
     self.v_proj = dense(width, width, axes=("embed", "heads"), rngs=rngs, **opts.kw)
@@ -133,7 +133,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, width, hidden, act, *, opts: _Opts, rngs):
+  def __init__(self, width, hidden, act, *, opts: RuntimeOptions, rngs):
     self.fc1 = dense(width, hidden, axes=("embed", "mlp"), rngs=rngs, **opts.kw)
     self.fc2 = dense(hidden, width, axes=("mlp", "embed"), rngs=rngs, **opts.kw)
     self.act = act
@@ -145,7 +145,7 @@ class MLP(nnx.Module):
 class EncoderLayer(nnx.Module):
   """Pre-LN block: x += attn(ln1(x)); x += mlp(ln2(x))."""
 
-  def __init__(self, cfg, *, causal, opts: _Opts, rngs):
+  def __init__(self, cfg, *, causal, opts: RuntimeOptions, rngs):
     self.layer_norm1 = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
     self.self_attn = Attention(cfg.width, cfg.heads, causal=causal, opts=opts, rngs=rngs)
     self.layer_norm2 = layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, **opts.kw)
@@ -161,7 +161,7 @@ def _run_layer(layer, x):
 
 
 class Encoder(nnx.Module):
-  def __init__(self, cfg, *, causal, opts: _Opts, rngs):
+  def __init__(self, cfg, *, causal, opts: RuntimeOptions, rngs):
     self.layers = nnx.List([EncoderLayer(cfg, causal=causal, opts=opts, rngs=rngs)
                             for _ in range(cfg.layers)])
     self.remat = opts.remat
@@ -189,7 +189,7 @@ class CLIPTextModel(nnx.Module):
 
   def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, attention: str = "xla", remat: str = "none"):
-    opts = _Opts(dtype, param_dtype, attention, remat)
+    opts = RuntimeOptions(dtype, param_dtype, attention, remat)
     self.config = cfg
     self.dtype = dtype
     self.token_embedding = embedding(cfg.vocab_size, cfg.width, rngs=rngs, **opts.kw)
@@ -237,7 +237,7 @@ class CLIPVisionModel(nnx.Module):
 
   def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, attention: str = "xla", remat: str = "none"):
-    opts = _Opts(dtype, param_dtype, attention, remat)
+    opts = RuntimeOptions(dtype, param_dtype, attention, remat)
     self.config = cfg
     self.dtype = dtype
     p = cfg.patch_size

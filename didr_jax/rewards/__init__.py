@@ -16,7 +16,13 @@ _LOADERS = {
     "hpsv2": lambda path, **kw: clip_rewards.load_hps(path, version="hpsv2", **kw),
     "hpsv2.1": lambda path, **kw: clip_rewards.load_hps(path, version="hpsv2.1", **kw),
     "clipscore": clip_rewards.load_clipscore,
+    "imagereward": lambda path, **kw: _imagereward().load_imagereward(path, **kw),
 }
+
+
+def _imagereward():
+  from didr_jax.rewards import imagereward  # lazy: BLIP modules only when asked for
+  return imagereward
 REWARD_NAMES = tuple(_LOADERS)
 
 

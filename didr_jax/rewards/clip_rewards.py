@@ -84,27 +84,25 @@ def load_clip(path: str, *, config=None, **kwargs) -> CLIPModel:
   return model
 
 
-class CLIPReward:
-  """A reward computed from a CLIP model's image (and text) embeddings."""
+class Reward:
+  """Base: ``__call__`` validates images, tokenises string prompts, runs the jitted ``apply``.
 
-  def __init__(self, name: str, clip: CLIPModel, *, score: str, mode: str = "crop",
-               tokenizer=None, head: AestheticHead | None = None):
-    if score not in SCORES:
-      raise ValueError(f"reward score kind {score!r} unknown; choose one of {sorted(SCORES)}")
-    if score != "aesthetic" and tokenizer is None:
-      raise ValueError(f"reward {name!r} needs a tokenizer")
-    if score == "aesthetic" and head is None:
-      raise ValueError(f"reward {name!r} needs the aesthetic head")
-    self.name, self.score, self.mode, self.tokenizer = name, score, mode, tokenizer
-    self.image_size = clip.config.vision.image_size
-    self.graphdef, self.params = nnx.split((clip, head))
+  Subclasses set ``name``, ``tokenizer`` (None: no prompts), ``graphdef`` / ``params`` and define
+  the pure ``apply(params, images, ids)``."""
+  name: str
+  tokenizer = None
+
+  def _init_apply(self, modules):
+    self.graphdef, self.params = nnx.split(modules)
     self._jitted = jax.jit(self.apply)
 
   def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError(f"reward {self.name!r} takes no prompts")
     return self.tokenizer(prompts)
 
   def _ids(self, prompts, batch: int):
-    if self.score == "aesthetic":
+    if self.tokenizer is None:
       return None
     if prompts is None:
       raise ValueError(f"reward {self.name!r} needs prompts (strings or token ids)")
@@ -122,6 +120,26 @@ class CLIPReward:
       raise ValueError(f"reward {self.name!r}: {ids.shape[0]} prompts for {batch} images")
     return ids
 
+  def __call__(self, images, prompts=None):
+    check_images(images, what=f"reward {self.name!r} images")
+    return self._jitted(self.params, images, self._ids(prompts, images.shape[0]))
+
+
+class CLIPReward(Reward):
+  """A reward computed from a CLIP model's image (and text) embeddings."""
+
+  def __init__(self, name: str, clip: CLIPModel, *, score: str, mode: str = "crop",
+               tokenizer=None, head: AestheticHead | None = None):
+    if score not in SCORES:
+      raise ValueError(f"reward score kind {score!r} unknown; choose one of {sorted(SCORES)}")
+    if score != "aesthetic" and tokenizer is None:
+      raise ValueError(f"reward {name!r} needs a tokenizer")
+    if score == "aesthetic" and head is None:
+      raise ValueError(f"reward {name!r} needs the aesthetic head")
+    self.name, self.score, self.mode, self.tokenizer = name, score, mode, tokenizer
+    self.image_size = clip.config.vision.image_size
+    self._init_apply((clip, head))
+
   def apply(self, params, images, ids):
     """Pure scores[B] from (params, [-1, 1] images, token ids or None)."""
     clip, head = nnx.merge(self.graphdef, params)
@@ -136,10 +154,6 @@ class CLIPReward:
     if self.score == "logit":
       return jnp.exp(clip.logit_scale.get_value().astype(jnp.float32)) * cos
     return 100.0 * jnp.maximum(cos, 0.0)
-
-  def __call__(self, images, prompts=None):
-    check_images(images, what=f"reward {self.name!r} images")
-    return self._jitted(self.params, images, self._ids(prompts, images.shape[0]))
 
 
 def _tokenizer(name, path, tokenizer):
