@@ -7,30 +7,17 @@ truncated and padded with ``[PAD]`` (id 0) to 35 tokens. BLIP adds ``[DEC]`` / `
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
-import numpy as np
-
-from didr_jax.text.clip_tokenizer import TokenizerFilesError
+from didr_jax.text.clip_tokenizer import PaddedTokenizer, TokenizerFilesError
 
 IMAGEREWARD_MAX_LENGTH = 35
 
 
-class BertTokenizer:
-  """Strings -> int32 ids [B, max_length]; the attention mask is ``ids != pad_token_id``."""
+class BertTokenizer(PaddedTokenizer):
+  """[CLS] ... [SEP] padded with [PAD] (id 0) to 35; the attention mask is ``ids != pad_token_id``."""
 
   def __init__(self, hf_tokenizer, max_length: int = IMAGEREWARD_MAX_LENGTH):
-    self.hf, self.max_length = hf_tokenizer, max_length
-    self.pad_token_id = hf_tokenizer.pad_token_id
-
-  def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if not all(isinstance(p, str) for p in prompts):
-      raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts][:4]}")
-    out = self.hf(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                  return_tensors="np")
-    return np.asarray(out["input_ids"], dtype=np.int32)
+    super().__init__(hf_tokenizer, max_length)
 
 
 def load_bert_tokenizer(folder: str, *, max_length: int = IMAGEREWARD_MAX_LENGTH) -> BertTokenizer:

@@ -65,10 +65,10 @@ def write_clip_tokenizer_files(bpe_gz: str, folder: str, *, pad_token: str = EOS
   return folder
 
 
-class CLIPTokenizer:
-  """Strings -> int32 ids [B, max_length] (BOS ... EOS, truncated, padded with the folder's pad)."""
+class PaddedTokenizer:
+  """Strings -> int32 ids [B, max_length] through a transformers tokenizer (truncate, pad)."""
 
-  def __init__(self, hf_tokenizer, max_length: int = 77):
+  def __init__(self, hf_tokenizer, max_length: int):
     self.hf = hf_tokenizer
     self.max_length = max_length
     self.pad_token_id = hf_tokenizer.pad_token_id
@@ -83,6 +83,13 @@ class CLIPTokenizer:
     out = self.hf(list(prompts), padding="max_length", truncation=True,
                   max_length=self.max_length, return_tensors="np")
     return np.asarray(out["input_ids"], dtype=np.int32)
+
+
+class CLIPTokenizer(PaddedTokenizer):
+  """BOS ... EOS, truncated to 77 and padded with the folder's pad token."""
+
+  def __init__(self, hf_tokenizer, max_length: int = 77):
+    super().__init__(hf_tokenizer, max_length)
 
 
 def load_clip_tokenizer(folder: str, *, max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
