@@ -52,6 +52,18 @@ def _flat_params(model):
 KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 
 
+def test_sharded_safetensors_with_index_load(unet_folder, tmp_path):
+  """diffusers' sharded layout (index json + several files) loads to the same parameters."""
+  folder = str(tmp_path / "sharded")
+  unet_folder[1].save_pretrained(folder, max_shard_size="300KB")
+  assert os.path.isfile(os.path.join(folder, WEIGHTS + ".index.json"))
+  assert len([n for n in os.listdir(folder) if n.endswith(".safetensors")]) > 1
+  a, b = _flat_params(from_diffusers(folder)), _flat_params(from_diffusers(unet_folder[0]))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
 def test_missing_key_is_named(unet_folder, tmp_path):
   folder = _copy(unet_folder[0], tmp_path, lambda t: {k: v for k, v in t.items() if k != KEY})
   with pytest.raises(WeightMismatchError, match=r"keys missing from the weights \(1\): " + KEY):
