@@ -51,8 +51,9 @@ def _case(tmp_path_factory, config, name, **input_kw):
 
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
-  """SD1.5-like, called with a scalar timestep (broadcast over the batch)."""
-  return _case(tmp_path_factory, R.SD15_TINY, "sd15", scalar_timestep=True)
+  """SD1.5-like, called with a scalar timestep (broadcast over the batch) on 10x10 latents:
+  10 -> 5 -> 3 going down, so the up path must resize 3 -> 5 -> 10 as torch does."""
+  return _case(tmp_path_factory, R.SD15_TINY, "sd15", scalar_timestep=True, size=10)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,40 @@ def test_attention_implementations_and_bf16_compute_agree():
   low = block(dtype=jnp.bfloat16)(jnp.asarray(x, jnp.bfloat16), ctx)
   assert low.dtype == jnp.bfloat16
   assert R.rel_err(np.asarray(low, np.float32), ref) < 3e-2
+
+
+def test_lcm_time_cond_proj_matches_diffusers():
+  """``time_cond_proj_dim`` (LCM-distilled UNets): numerics of the embedding, and table coverage."""
+  from diffusers import UNet2DConditionModel
+  from diffusers.models.embeddings import TimestepEmbedding as TorchTimestepEmbedding
+  from didr_jax.models.unet_blocks import TimestepEmbedding, _Opts
+  from didr_jax.models.unet_mapping import RuleBuilder
+  from didr_jax.sharding import model_context
+  from didr_jax.weights import load_state
+
+  ref = R._randomize(TorchTimestepEmbedding(16, 64, cond_proj_dim=8), 0)
+  with model_context(single_device_mesh(), get_rules("replicated")):
+    ours = TimestepEmbedding(16, 64, cond_proj_dim=8, opts=_Opts(), rngs=nnx.Rngs(0))
+  table = RuleBuilder()
+  table.linear("linear_1")
+  table.linear("linear_2")
+  table.linear("cond_proj", bias=False)
+  tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  nnx.update(ours, load_state(nnx.state(ours), tensors, table.rules, what="TimestepEmbedding"))
+  rng = np.random.default_rng(0)
+  t_emb, cond = rng.standard_normal((3, 16), np.float32), rng.standard_normal((3, 8), np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(t_emb), torch.from_numpy(cond)).numpy()
+  np.testing.assert_allclose(np.asarray(ours(t_emb, cond)), want, atol=1e-5, rtol=1e-5)
+
+  config = dict(R.SDXL_TINY, time_cond_proj_dim=8)
+  cfg = UNetConfig.from_dict(config)
+  _, abs_state = abstract_for("UNet2DConditionModel", cfg, dtype=jnp.float32,
+                              param_dtype=jnp.float32, attention="xla", remat="none",
+                              mesh=single_device_mesh(), rules=get_rules("replicated"))
+  shapes = R.meta_state_shapes(UNet2DConditionModel, config)
+  assert "time_embedding.cond_proj.weight" in shapes
+  assert R.table_mismatches(unet_rules(cfg), abs_state, shapes) == []
 
 
 def test_timestep_embedding_matches_diffusers():
