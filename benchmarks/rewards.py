@@ -39,6 +39,7 @@ if ARGS is not None and ARGS.threads == 1:  # must precede the first jax import
                              " intra_op_parallelism_threads=1").strip()
 
 from tests import clip_torch_env  # noqa: E402,F401  (torchvision workaround; before transformers)
+from tests import reward_imagereward as ri  # noqa: E402
 from tests import reward_torch as rt  # noqa: E402
 
 import jax  # noqa: E402
@@ -85,6 +86,15 @@ def build(root, width, layers, image, patch):
   return models, oc, oc_cfg, head, tok
 
 
+def imagereward_torch(model, images, ids, grad):
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).requires_grad_(grad)
+  with torch.set_grad_enabled(grad):
+    scores = model.score(x, ids)
+  if grad:
+    scores.sum().backward()
+  return scores.detach().numpy(), None
+
+
 def timeit(fn, reps):
   fn()  # warm-up (compiles ours)
   times = []
@@ -108,6 +118,13 @@ def main(args):
       "clipscore": (dict(path=os.path.join(root, "quick_gelu"), tokenizer=tok), models["quick_gelu"], True,
                     "clipscore", "crop"),
   }
+  vit = dict(image_size=args.image, patch_size=args.patch, width=args.width, layers=args.layers,
+             heads=args.width // 64, mlp_dim=4 * args.width)
+  bert = {**ri.BERT, "hidden_size": args.width, "num_hidden_layers": args.layers,
+          "num_attention_heads": args.width // 64, "intermediate_size": 4 * args.width}
+  ir_model = ri.build(os.path.join(root, "imagereward"), vit=vit, bert=bert)
+  cases["imagereward"] = (dict(path=os.path.join(root, "imagereward", "ImageReward.safetensors"),
+                               vision=ri.vision_config(vit)), ir_model, None, "imagereward", "crop")
   images = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.input, args.input, 3)).astype(np.float32)
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); batch {args.batch}, input {args.input}px -> tower "
@@ -121,8 +138,11 @@ def main(args):
     fb = jax.jit(jax.value_and_grad(lambda p, x, i: reward.apply(p, x, i).sum(), argnums=1))
     ours_f = timeit(lambda: fwd(reward.params, images, ids).block_until_ready(), args.reps)
     ours_fb = timeit(lambda: jax.block_until_ready(fb(reward.params, images, ids)), args.reps)
-    run = lambda grad: rt.score_and_grad(kind, model, images, ids, hf=hf, mode=mode, head=head,
-                                         size=args.image, grad=grad)
+    if kind == "imagereward":
+      run = lambda grad, model=model, ids=ids: imagereward_torch(model, images, ids, grad)
+    else:
+      run = lambda grad: rt.score_and_grad(kind, model, images, ids, hf=hf, mode=mode, head=head,
+                                           size=args.image, grad=grad)
     torch_f = timeit(lambda: run(False), args.reps)
     torch_fb = timeit(lambda: run(True), args.reps)
     err = float(np.abs(np.asarray(fwd(reward.params, images, ids)) - run(False)[0]).max())

@@ -56,9 +56,7 @@ def aesthetic_mlp(in_dim):
   return AestheticMLP(in_dim).eval()
 
 
-def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None, size=cf.IMAGE, grad=True):
-  """(scores[B], d sum(scores) / d images [NHWC] or None) from the torch model."""
-  x = cf.nchw(images_nhwc).requires_grad_(grad)
+def _scores(kind, model, x, ids, *, hf, mode, head, size):
   px = preprocess(x, size, mode)
   img = model.get_image_features(pixel_values=px).pooler_output if hf else model.encode_image(px)
   img = img / img.norm(dim=-1, keepdim=True)
@@ -75,6 +73,14 @@ def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None, size=c
       scores = model.logit_scale.exp() * cos
     else:
       scores = 100 * cos.clamp(min=0)
+  return scores
+
+
+def score_and_grad(kind, model, images_nhwc, ids, *, hf, mode, head=None, size=cf.IMAGE, grad=True):
+  """(scores[B], d sum(scores) / d images [NHWC] or None) from the torch model."""
+  x = cf.nchw(images_nhwc).requires_grad_(grad)
+  with torch.set_grad_enabled(grad):
+    scores = _scores(kind, model, x, ids, hf=hf, mode=mode, head=head, size=size)
   if not grad:
     return scores.detach().numpy(), None
   scores.sum().backward()
