@@ -18,9 +18,6 @@ from absl import app, flags
 
 from didr_jax.weights import write_safetensors
 
-_INPUT = flags.DEFINE_string("input", None, "Torch pickle checkpoint to convert.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .safetensors (default: input stem).")
-_KEY = flags.DEFINE_string("key", "", "Dotted key of the state dict inside the pickle.")
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -58,9 +55,14 @@ def convert_file(input_path: str, output_path: str | None = None, key: str = "")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(f"wrote {convert_file(_INPUT.value, _OUTPUT.value, _KEY.value)}")
+  f = flags.FLAGS
+  print(f"wrote {convert_file(f.input, f.output, f.key)}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program (see didr_jax/export.py).
+  flags.DEFINE_string("input", None, "Torch pickle checkpoint to convert.")
+  flags.DEFINE_string("output", None, "Output .safetensors (default: input stem).")
+  flags.DEFINE_string("key", "", "Dotted key of the state dict inside the pickle.")
   flags.mark_flags_as_required(["input"])
   app.run(main)

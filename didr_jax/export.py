@@ -17,9 +17,6 @@ from absl import app, flags
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
-_INPUT = flags.DEFINE_string("input", None, "Cache entry (config.json + state/) or diffusers folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder to write config.json + safetensors into.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "dtype of the written tensors.")
 
 
 def export(input_path: str, output: str, dtype: str = "float32") -> str:
@@ -33,9 +30,15 @@ def export(input_path: str, output: str, dtype: str = "float32") -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(f"wrote {export(_INPUT.value, _OUTPUT.value, _DTYPE.value)}")
+  f = flags.FLAGS
+  print(f"wrote {export(f.input, f.output, f.dtype)}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module (e.g. next to
+  # didr_jax.convert or the trainer) never collides with other flag definitions.
+  flags.DEFINE_string("input", None, "Cache entry (config.json + state/) or diffusers folder.")
+  flags.DEFINE_string("output", None, "Folder to write config.json + safetensors into.")
+  flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "dtype of the written tensors.")
   flags.mark_flags_as_required(["input", "output"])
   app.run(main)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests import clip_torch_env  # noqa: F401  (must precede diffusers: CPU torch vs CUDA torchvision)
+# Must precede diffusers: PyPI's CUDA torchvision wheel cannot load next to the CPU torch wheel.
+from tests import clip_torch_env  # noqa: F401
 import torch
 
 SD15_REAL = dict(

@@ -121,7 +121,7 @@ def abstract_for(class_name: str, cfg, *, dtype, param_dtype, attention, remat, 
 def _weight_fingerprint(folder: str) -> list:
   """(name, size, mtime) of the weight files: a changed file invalidates the cache entry."""
   names = sorted(n for n in os.listdir(folder)
-                 if n.startswith(WEIGHTS_STEM) and (n.endswith(".safetensors") or n.endswith(".json")))
+                 if n.startswith(WEIGHTS_STEM) and n.endswith((".safetensors", ".json")))
   return [(n, os.path.getsize(os.path.join(folder, n)),
            os.stat(os.path.join(folder, n)).st_mtime_ns) for n in names]
 
@@ -129,8 +129,8 @@ def _weight_fingerprint(folder: str) -> list:
 def cache_entry_path(cache_dir: str, folder: str, config: dict, param_dtype) -> str:
   key = json.dumps([config, _weight_fingerprint(folder), str(jnp.dtype(param_dtype))],
                    sort_keys=True, default=str)
-  return os.path.join(os.path.abspath(cache_dir),
-                      f"{config.get('_class_name')}-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  return os.path.join(os.path.abspath(cache_dir), f"{config.get('_class_name')}-{digest}")
 
 
 def save_cache_entry(entry: str, config: dict, state) -> None:

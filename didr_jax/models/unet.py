@@ -16,8 +16,8 @@ from flax import nnx
 
 from didr_jax.models import layers
 from didr_jax.models.unet_blocks import (
-    TimestepEmbedding, UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock, _Opts, call_block, model_options,
-    timestep_embedding)
+    TimestepEmbedding, UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock, call_block,
+    model_options, timestep_embedding)
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -75,7 +75,8 @@ def per_block(value, n: int, field: str, what: str) -> tuple:
       unsupported(what, field, value, f"needs {n} entries, one per block")
     for v in value:
       if not isinstance(v, int) or isinstance(v, bool):
-        unsupported(what, field, value, "entries must be ints (nested per-layer tuples unsupported)")
+        unsupported(what, field, value,
+                    "entries must be ints (nested per-layer tuples are not implemented)")
     return value
   if not isinstance(value, int) or isinstance(value, bool):
     unsupported(what, field, value, "must be an int or a tuple of ints")
