@@ -105,10 +105,12 @@ def test_reward_grad_matches_finite_differences(setup, name):
   f = lambda x: float(scores_and_grad(reward, reward.params, x, ids)[0].sum())
   grad = np.asarray(scores_and_grad(reward, reward.params, images, ids)[1])
   assert np.isfinite(grad).all() and np.abs(grad).max() > 0
-  v = np.random.default_rng(6).standard_normal(images.shape).astype(np.float32)
-  eps = 1e-2  # pixels stay inside (-1, 1): the clamp is inactive
+  # Direction: the gradient's sign pattern with random magnitudes, so the directional derivative
+  # stands well above float32 round-off (a random direction averages to ~0 on tiny models).
+  v = (np.sign(grad) * np.random.default_rng(6).uniform(0.5, 1.0, images.shape)).astype(np.float32)
+  eps = 3e-3  # pixels stay inside (-1, 1): the clamp is inactive
   fd = (f(images + eps * v) - f(images - eps * v)) / (2 * eps)
-  np.testing.assert_allclose(fd, float(np.sum(grad * v)), rtol=2e-2)
+  np.testing.assert_allclose(fd, float(np.sum(grad * v)), rtol=5e-3)  # measured <= 3.3e-4
 
 
 def test_public_call_strings_ids_broadcast_and_jit(setup):
