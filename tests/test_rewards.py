@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax import rewards
+from didr_jax.convert import convert_file
 from didr_jax.models.clip_loading import CheckpointArchitectureError
 from didr_jax.rewards.clip_rewards import load_aesthetic_head
 from didr_jax.text import TokenizerFilesError
@@ -182,19 +183,11 @@ def test_bad_inputs_named_errors(setup, tmp_path):
     rewards.load("imagereward", ir["path"], tokenizer=str(tmp_path), vision=ir["vision"])
 
 
-def _convert_pth(pth, out):
-  """The real head pickle -> safetensors (what `python -m didr_jax.convert` does)."""
-  sd = torch.load(pth, map_location="cpu", weights_only=True)
-  write_safetensors(out, {k: v.numpy() for k, v in sd.items()})
-  return sd
-
-
 @pytest.mark.skipif(not os.path.isfile(AESTHETIC_PTH), reason=f"{AESTHETIC_PTH} absent")
 def test_real_aesthetic_head_matches_torch(tmp_path):
-  out = str(tmp_path / "aesthetic.safetensors")
-  sd = _convert_pth(AESTHETIC_PTH, out)
+  out = convert_file(AESTHETIC_PTH, str(tmp_path / "aesthetic.safetensors"))  # python -m didr_jax.convert
   mlp = rt.aesthetic_mlp(768)
-  mlp.load_state_dict(sd)
+  mlp.load_state_dict(torch.load(AESTHETIC_PTH, map_location="cpu", weights_only=True))
   head = load_aesthetic_head(out, 768)
   e = np.random.default_rng(0).standard_normal((16, 768)).astype(np.float32)
   e /= np.linalg.norm(e, axis=-1, keepdims=True)
