@@ -55,7 +55,7 @@ def get_config(arg: str = ""):
   c.objective.weighting = "plain"
   c.objective.alpha_rew = 1.0 / c.toy.get_ref("beta")   # DI++/DI*: same nominal trade-off as DIDR
   c.objective.drp_k = 2
-  c.objective.drp_t_max = -1.0
+  c.objective.drp_t_max = 0.5         # [choice] DRP only where its bias is moderate (drp_bias.json)
   c.objective.distar_c = 1.0
   c.objective.cfg_placement = "in"
   c.objective.cfg_w = 0.0
@@ -67,14 +67,15 @@ def get_config(arg: str = ""):
   c.checkpoint = config_dict.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
 
   if variant == "fast":
-    c.reference.steps = 1_500
+    c.reference.steps = 3_000
     c.reference.batch = 512
     c.distill.steps = 600
     c.distill.batch = 512
     c.distill.ddim_steps = 20
     c.distill.pool_size = 16_384
-    c.align.steps = 400
+    c.align.steps = 1_000
     c.align.batch = 512
+    c.align.gen_optimizer.lr = 1e-3     # 10x the paper's: 1k instead of 6k steps
     c.eval.num_samples = 4_000
     c.eval.drp_bias_samples = 1024
     c.network.width = 32

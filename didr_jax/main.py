@@ -17,7 +17,26 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<experiment>-<hash>).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection "
+                                "(TPU pods, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank (explicit multi-process).")
 flags.mark_flags_as_required(["config"])
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-process JAX before any other JAX call; errors are not caught (a silent single-host run
+  would be worse than a crash)."""
+  import jax
+  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
 
 
 def default_workdir(cfg) -> str:
@@ -30,9 +49,14 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = _CONFIG.value
+  maybe_initialize_distributed()
   from didr_jax.training.loop import Preempted
   if cfg.experiment == "toy":
     from didr_jax.toy import experiment, validate
+    validate.validate(cfg)
+    run = experiment.run
+  elif cfg.experiment == "t2i":
+    from didr_jax.pipelines import experiment, validate
     validate.validate(cfg)
     run = experiment.run
   else:

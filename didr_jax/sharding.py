@@ -112,3 +112,13 @@ def replicated(mesh) -> NamedSharding:
 def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
   """Leading axis split over every data-like mesh axis (data and fsdp)."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one host NumPy array on every process (gathers across processes if needed)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

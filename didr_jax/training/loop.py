@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 
+from didr_jax.sharding import to_host
 from didr_jax.training.metrics import MetricWriter, Progress, reduce_chunk_metrics
 
 
@@ -53,7 +54,7 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
   ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``.
   ``max_bad_steps`` > 0 stops with NonFiniteError after that many consecutive skipped updates.
   """
-  step = int(jax.device_get(state.step))
+  step = int(to_host(state.step))
   progress = Progress(name, num_steps, step)
   n_chunk = 0
   while step < num_steps:
@@ -66,7 +67,7 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
       writer.write(step, host, prefix=f"{name}/")
       progress.log(step, {k: v for k, v in host.items() if k.endswith("loss") or k == "reward"})
     if max_bad_steps > 0 and hasattr(state, "bad_steps"):
-      bad = int(jax.device_get(state.bad_steps))
+      bad = int(to_host(state.bad_steps))
       if bad >= max_bad_steps:
         raise NonFiniteError(f"[{name}] {bad} consecutive non-finite updates at step {step}; "
                              "the last good checkpoint is kept")

@@ -64,5 +64,5 @@ class Progress:
 
 def reduce_chunk_metrics(metrics: dict) -> dict:
   """Host means over a chunk's stacked per-step metrics (one device->host copy per chunk)."""
-  host = jax.device_get(metrics)
-  return {k: float(np.mean(v)) for k, v in host.items()}
+  from didr_jax.sharding import to_host
+  return {k: float(np.mean(to_host(v))) for k, v in metrics.items()}

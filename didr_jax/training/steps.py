@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from didr_jax import log
 
 from didr_jax.objectives import ObjectiveConfig, dsm_loss, generator_loss
@@ -118,7 +119,6 @@ def scan_chunk(step_fn: Callable, num_steps: int):
 
 def compile_chunk(chunk_fn, state, frozen, conds, mesh, name: str):
   """AOT-compile ``chunk_fn`` with explicit in/out shardings and the state donated."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
   state_sh = shardings_of(state)
   abs_in = (abstract_of(state), abstract_of(frozen), abstract_of(conds))
   in_sh = (state_sh, shardings_of(frozen), shardings_of(conds))
