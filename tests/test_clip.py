@@ -249,3 +249,18 @@ def test_tokenizer_missing_files(tmp_path, tokenizer_folder):
   (tmp_path / "vocab.json").write_text("{}")
   with pytest.raises(TokenizerFilesError, match="merges.txt"):
     load_clip_tokenizer(str(tmp_path))
+
+
+def test_vision_model_with_projection_matches_transformers(tmp_path):
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+  torch.manual_seed(0)
+  ref = CLIPVisionModelWithProjection(CLIPVisionConfig(
+      image_size=cf.IMAGE, patch_size=cf.PATCH, hidden_size=32, intermediate_size=37,
+      num_hidden_layers=2, num_attention_heads=4, projection_dim=16, hidden_act="quick_gelu")).eval()
+  ref.save_pretrained(str(tmp_path))
+  pixels = _pixels()
+  with torch.no_grad():
+    want = ref(pixel_values=cf.nchw(pixels))
+  last, embeds = call(from_transformers(str(tmp_path)), pixels)
+  assert cf.rel_err(embeds, want.image_embeds.numpy()) <= 1e-4
+  assert cf.rel_err(last, want.last_hidden_state.numpy()) <= 1e-4
