@@ -194,3 +194,26 @@ def test_objective_config_errors_name_the_field():
                         ({"weighting": "edm"}, "weighting")):
     with pytest.raises(ValueError, match=f"objective.{field}"):
       ObjectiveConfig(**kwargs)
+
+
+def test_drp_t_max_cuts_only_the_drp_term():
+  """With t > t_max everywhere, DIDR-DRP's gradient equals DI's; the exact DRS is never cut."""
+  n = 32
+  kz, ke = jax.random.split(jax.random.PRNGKey(9))
+  z, eps = jax.random.normal(kz, (n, 2)), jax.random.normal(ke, (n, 2))
+  t = jnp.full((n,), 0.7)
+  exact_drs = lambda x, tt, c: gaussian_linear_drs(*SCHED.alpha_sigma(tt), V0, B, BETA)
+
+  def grad(cfg):
+    return jax.grad(lambda p: generator_loss(
+        cfg, generate=lambda zz, c: affine_generator(p, zz), ta=affine_ta(AFFINE), ref=_ref,
+        reward=lambda x0, c: x0 @ B, schedule=SCHED, z=z, cond=None, t=t, eps=eps,
+        exact_drs=exact_drs)[0])(AFFINE)
+
+  di = grad(ObjectiveConfig(method="di"))
+  chex.assert_trees_all_close(grad(ObjectiveConfig(method="didr", drs="drp", drp_k=1, beta=BETA,
+                                                   drp_t_max=0.5)), di, atol=1e-6)
+  drp_on = grad(ObjectiveConfig(method="didr", drs="drp", drp_k=1, beta=BETA))
+  exact_cut = grad(ObjectiveConfig(method="didr", drs="exact", beta=BETA, drp_t_max=0.5))
+  assert float(jnp.max(jnp.abs(drp_on["c"] - di["c"]))) > 1e-3
+  chex.assert_trees_all_close(exact_cut, drp_on, atol=1e-4, rtol=1e-4)   # K=1 DRP is exact here

@@ -36,7 +36,7 @@ class ObjectiveConfig:
   beta: float = 1.0               # DIDR KL strength: p* ~ q0 exp(r / beta)
   drs: str = "drp"                # DIDR DRS source
   drp_k: int = 2                  # DRP DDIM steps
-  drp_t_max: float = -1.0         # DRP term only for t <= t_max (< 0: no cut-off)
+  drp_t_max: float = -1.0         # DRP term only for t <= t_max (< 0: no cut-off; exact DRS unaffected)
   distar_c: float = 1.0           # Pseudo-Huber constant
   cfg_placement: str = "in"       # DI*: guided reference inside y ("in") or as implicit reward ("out")
   cfg_w: float = 0.0              # augmented guidance scale of the reference (0: no guidance)
@@ -90,14 +90,14 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
   metrics = {"kl_grad_norm": jnp.mean(jnp.sqrt(_per_sample_sum(g ** 2)))}
   loss = jnp.zeros((), jnp.float32)
   if cfg.method == "didr":
-    keep = jnp.ones_like(t, jnp.float32) if cfg.drp_t_max < 0 else (t <= cfg.drp_t_max).astype(jnp.float32)
     if cfg.drs == "exact":
       if exact_drs is None:
         raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
-      shift = broadcast_to(w * keep, x0) * (sb ** 2 / ab) * exact_drs(sg(x_t), t, cond)
+      shift = broadcast_to(w, x0) * (sb ** 2 / ab) * exact_drs(sg(x_t), t, cond)
       g = g - shift
       metrics["drs_grad_norm"] = jnp.mean(jnp.sqrt(_per_sample_sum(shift ** 2)))
     else:
+      keep = jnp.ones_like(t) if cfg.drp_t_max < 0 else (t <= cfg.drp_t_max).astype(t.dtype)
       lam = sg(drp_weight(schedule, t, w) * keep)
       phi = drp_denoise(lambda x, tt, c: ref(x, tt, c, True), schedule, x_t, t, cond, cfg.drp_k)
       r_phi = reward(phi, cond)
