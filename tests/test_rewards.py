@@ -12,7 +12,6 @@ from tests import reward_torch as rt
 import torch
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax import rewards

@@ -131,7 +131,8 @@ def read_config_json(folder: str) -> dict:
     return json.load(f)
 
 
-def _materialise(make: Callable[[], nnx.Module], tensors, table, what, mesh, rules):
+def materialise(make: Callable[[], nnx.Module], tensors, table, what, mesh=None, rules=None):
+  """Create ``make()`` abstractly (sharded per ``rules``) and fill it from ``tensors`` via ``table``."""
   mesh = mesh if mesh is not None else single_device_mesh()
   rules = rules if rules is not None else get_rules("replicated")
   graphdef, abs_state = abstract_model(make, mesh, rules)
@@ -170,7 +171,7 @@ def from_transformers(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32
     cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
     make = lambda: cls(cfg, rngs=nnx.Rngs(0), **kw)
     table = cm.hf_text_rules(cfg, src=src, projection_key="text_projection.weight")
-  return _materialise(make, tensors, table, folder, mesh, rules)
+  return materialise(make, tensors, table, folder, mesh, rules)
 
 
 # Wrappers some training scripts put around a state dict (flattened by the pickle converter).
@@ -196,5 +197,5 @@ def from_open_clip(path: str, config: str | dict, *, dtype=jnp.float32, param_dt
         f"{sorted(tensors)[:5]})")
   cfg = openclip_config(config, where=path)
   kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
-  return _materialise(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0), **kw), tensors,
+  return materialise(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0), **kw), tensors,
                       cm.openclip_clip_rules(cfg), path, mesh, rules)

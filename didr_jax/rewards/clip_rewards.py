@@ -17,12 +17,12 @@ import numpy as np
 from flax import nnx
 
 from didr_jax.models.clip import CLIPModel, l2_normalize
-from didr_jax.models.clip_loading import CheckpointArchitectureError, from_open_clip, from_transformers
+from didr_jax.models.clip_loading import (CheckpointArchitectureError, from_open_clip,
+                                          from_transformers, materialise)
 from didr_jax.models.layers import dense
 from didr_jax.rewards.preprocess import check_images, clip_preprocess
-from didr_jax.sharding import abstract_model, get_rules, model_context, single_device_mesh
 from didr_jax.text import load_clip_tokenizer
-from didr_jax.weights import Rule, load_state, read_safetensors
+from didr_jax.weights import Rule, read_safetensors
 
 # Published scales (docs/rewards.md): what ``__call__`` returns for each score kind.
 SCORES = {
@@ -62,12 +62,8 @@ def load_aesthetic_head(path: str, in_dim: int = 768, *, mesh=None, rules=None) 
   if "layers.0.weight" not in tensors:
     raise CheckpointArchitectureError(
         f"{path}: not a LAION aesthetic head (no 'layers.0.weight'; first keys {sorted(tensors)[:5]})")
-  mesh = mesh if mesh is not None else single_device_mesh()
-  rules = rules if rules is not None else get_rules("replicated")
-  graphdef, abs_state = abstract_model(lambda: AestheticHead(in_dim, rngs=nnx.Rngs(0)), mesh, rules)
-  state = load_state(abs_state, tensors, aesthetic_head_rules(), what=path)
-  with model_context(mesh, rules):
-    return nnx.merge(graphdef, state)
+  return materialise(lambda: AestheticHead(in_dim, rngs=nnx.Rngs(0)), tensors,
+                     aesthetic_head_rules(), path, mesh, rules)
 
 
 def load_clip(path: str, *, config=None, **kwargs) -> CLIPModel:

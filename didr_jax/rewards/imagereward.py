@@ -15,13 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax.models.blip import BertConfig, BertCrossEncoder, BLIPViTConfig, BLIPVisionTransformer
-from didr_jax.models.clip_loading import CheckpointArchitectureError
+from didr_jax.models.clip_loading import CheckpointArchitectureError, materialise
 import didr_jax.models.clip_mapping  # noqa: F401  (registers the fused-qkv in_proj_* transforms)
 from didr_jax.rewards.clip_rewards import AestheticHead, Reward
 from didr_jax.rewards.preprocess import clip_preprocess
-from didr_jax.sharding import abstract_model, get_rules, model_context, single_device_mesh
 from didr_jax.text.bert_tokenizer import load_bert_tokenizer
-from didr_jax.weights import Rule, load_state, read_safetensors
+from didr_jax.weights import Rule, read_safetensors
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 # Parameters of BLIP_Pretrain that scoring never uses, and med.py's persistent position_ids buffer.
@@ -129,14 +128,9 @@ def load_imagereward(path: str, *, med_config: str | None = None, tokenizer: str
         f"first keys {sorted(tensors)[:5]})")
   tensors = {k: v for k, v in tensors.items()
              if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
-  mesh = mesh if mesh is not None else single_device_mesh()
-  rules = rules if rules is not None else get_rules("replicated")
   kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
-  graphdef, abs_state = abstract_model(lambda: ImageRewardModel(vision, text, rngs=nnx.Rngs(0), **kw),
-                                       mesh, rules)
-  state = load_state(abs_state, tensors, imagereward_rules(vision, text), what=path)
-  with model_context(mesh, rules):
-    model = nnx.merge(graphdef, state)
+  model = materialise(lambda: ImageRewardModel(vision, text, rngs=nnx.Rngs(0), **kw), tensors,
+                      imagereward_rules(vision, text), path, mesh, rules)
   return ImageReward(model, tok)
 
 
