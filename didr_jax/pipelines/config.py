@@ -1,0 +1,119 @@
+"""Config groups shared by ``configs/sdxl.py`` and ``configs/sd15.py`` (METHOD.md section 5 defaults).
+
+The real run reads a diffusers folder of the reference, a generator UNet (folder or safetensors),
+a reward and a prompt file; ``tiny`` builds random tiny models in memory (CI on CPU).
+"""
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+BACKBONES = {
+    # label timestep of the one-step generator (MODELS.md 3.3), image size, VAE scale
+    "sdxl": dict(label_t=399, resolution=1024, vae_scale=0.13025),
+    "sd15": dict(label_t=999, resolution=512, vae_scale=0.18215),
+}
+
+
+def _optimizer(lr):
+  return config_dict.ConfigDict(dict(name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8,
+                                     weight_decay=0.01, grad_clip=10.0, warmup_steps=500,
+                                     mu_dtype="float32"))
+
+
+def base_config(backbone: str, variant: str):
+  if backbone not in BACKBONES:
+    raise ValueError(f"backbone {backbone!r} unknown; choose one of {sorted(BACKBONES)}")
+  if variant not in ("run", "tiny"):
+    raise ValueError(f"configs/{backbone}.py: variant {variant!r} unknown; use '' (real run) or 'tiny'")
+  b = BACKBONES[backbone]
+  c = config_dict.ConfigDict()
+  c.experiment = "t2i"
+  c.backbone = backbone
+  c.variant = variant
+  c.seed = 0
+  c.method = "didr"                       # di | dipp | distar | didr
+
+  c.model = config_dict.ConfigDict()
+  c.model.reference = ""                  # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ (+ _2 for sdxl)
+  c.model.generator = ""                  # UNet folder (config.json + safetensors) or one .safetensors; "" = reference UNet
+  c.model.label_t = b["label_t"]          # generator = UNet(z * input_scale, label_t) read out as x0
+  c.model.input_scale = 1.0               # DMD2: unscaled z
+  c.model.dtype = "bfloat16"              # UNet activations
+  c.model.param_dtype = "float32"         # master weights
+  c.model.vae_dtype = "float32"           # SDXL VAE decode in fp32 (overflows in fp16)
+  c.model.attention = "xla"
+  c.model.remat = "full"                  # per UNet block
+  c.model.cache_dir = ""                  # orbax cache of converted weights ("" = off)
+
+  c.reward = config_dict.ConfigDict()
+  c.reward.name = "pickscore"             # see didr_jax.rewards.REWARD_NAMES
+  c.reward.path = ""
+  c.reward.clip = ""                      # aesthetic: the CLIP ViT-L/14
+  c.reward.tokenizer = ""                 # hpsv2 / clipscore: a CLIP tokenizer folder
+  c.reward.clip_config = ""               # OpenCLIP config name for OpenCLIP-naming files
+
+  c.data = config_dict.ConfigDict()
+  c.data.prompts = ""                     # txt / jsonl / Parti TSV / COCO json
+  c.data.format = "auto"
+  c.data.field = "prompt"
+  c.data.resolution = b["resolution"]     # image side (latent side = resolution / 8)
+  c.data.shuffle = True
+  c.data.cache_embeddings = 4096          # host cache of prompt embeddings (0: off)
+
+  c.objective = config_dict.ConfigDict()
+  c.objective.weighting = "dmd2"
+  c.objective.alpha_rew = 100.0           # DI++ / DI* (SDXL)
+  c.objective.beta = 0.01                 # DIDR KL strength (sweep)
+  c.objective.drp_k = 2
+  c.objective.drp_t_max = -1.0
+  c.objective.distar_c = 1.0
+  c.objective.cfg_placement = "in"
+  c.objective.cfg_w = 7.5                 # augmented: out_c + w (out_c - out_u) = diffusers 1 + w
+
+  c.align = config_dict.ConfigDict()
+  c.align.steps = 20_000
+  c.align.batch = 64                      # global
+  c.align.k_ta = 5
+  c.align.ta_t_range = (0, 999)
+  c.align.gen_t_range = (20, 980)
+  c.align.ema_decay = 0.999
+  c.align.gen_optimizer = _optimizer(1e-6)
+  c.align.ta_optimizer = _optimizer(2e-6)
+  c.align.max_bad_steps = 20              # consecutive non-finite updates before stopping
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.prompts = ("a photo of a cat wearing a hat", "a watercolor painting of a lighthouse",
+                    "an astronaut riding a horse on the moon", "a bowl of ramen, studio lighting")
+  c.eval.seed = 1234
+  c.eval.every_chunks = 50               # grid PNG + held-out reward
+  c.eval.export_ema = True
+
+  c.mesh = config_dict.ConfigDict(dict(shape=(1, -1, 1), rules="fsdp"))
+  c.train = config_dict.ConfigDict(dict(steps_per_chunk=10, log_every_chunks=1))
+  c.checkpoint = config_dict.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+
+  c.tiny = config_dict.ConfigDict(dict(latent=8, prompts=(
+      "a red cube", "a blue sphere on grass", "a cat in the snow", "a city at night",
+      "an old map", "a bowl of fruit", "a sailing boat", "a mountain lake", "a green bird",
+      "a yellow car", "a wooden chair", "a portrait of a dog")))
+  if variant == "tiny":
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.data.resolution = 8 * c.tiny.latent
+    c.reward.name = "tiny_pickscore"
+    c.objective.alpha_rew = 1.0
+    c.objective.beta = 1.0
+    c.align.steps = 3
+    c.align.batch = 8
+    c.align.k_ta = 2
+    c.align.gen_optimizer = _optimizer(1e-4)
+    c.align.ta_optimizer = _optimizer(1e-4)
+    c.align.gen_optimizer.warmup_steps = 0
+    c.align.ta_optimizer.warmup_steps = 0
+    c.align.max_bad_steps = 3
+    c.eval.every_chunks = 3
+    c.train.steps_per_chunk = 1
+    c.checkpoint.every_steps = 1
+    c.checkpoint.async_save = False
+    c.data.cache_embeddings = 64
+  return c

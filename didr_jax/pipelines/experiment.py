@@ -1,0 +1,185 @@
+"""The text-to-image alignment run: build, restore or init, AOT-compile, train, evaluate, export.
+
+Outputs in the workdir: config.json, metrics.jsonl, tb/, grid_<step>.png (fixed prompts and seeds),
+checkpoints/ (full TrainState; the data position is the step), export/unet[_ema] (diffusers).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from didr_jax import log, sharding
+from didr_jax.data import PromptSampler, load_prompts
+from didr_jax.models.diffusers_loading import to_diffusers
+from didr_jax.objectives import ObjectiveConfig
+from didr_jax.pipelines.t2i import T2I
+from didr_jax.training import state as st
+from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.loop import NonFiniteError, StopSignal, run_chunks
+from didr_jax.training.metrics import MetricWriter
+from didr_jax.training.steps import StepConfig, compile_chunk, make_outer_step, scan_chunk
+
+# Checked in this order when a run stops on non-finite updates: the first one found is named.
+NONFINITE_ORDER = ("reward", "drp_reward", "gen_loss", "kl_grad_norm", "pseudo_huber", "gen_grad_norm",
+                   "ta_loss", "ta_grad_norm")
+
+
+def objective_config(cfg) -> ObjectiveConfig:
+  o = cfg.objective
+  return ObjectiveConfig(method=cfg.method, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
+                         beta=float(o.beta), drs="drp", drp_k=int(o.drp_k),
+                         drp_t_max=float(o.drp_t_max), distar_c=float(o.distar_c),
+                         cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
+
+
+def prompts_of(cfg) -> list[str]:
+  if cfg.variant == "tiny" and not cfg.data.prompts:
+    return list(cfg.tiny.prompts)
+  return load_prompts(cfg.data.prompts, format=cfg.data.format, field=cfg.data.field)
+
+
+def identity(cfg, sampler) -> dict:
+  """What the checkpoint depends on; align.steps is left out so raising it continues a run."""
+  d = cfg.to_dict()
+  d["align"] = {k: v for k, v in d["align"].items() if k != "steps"}
+  for k in ("train", "checkpoint", "eval", "mesh"):   # may change between runs (restore re-shards)
+    d.pop(k)
+  d["data_fingerprint"] = sampler.fingerprint
+  return d
+
+
+def batch_arithmetic(cfg, mesh) -> str:
+  b = cfg.align.batch
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  return (f"batch: global {b}, per host {b // jax.process_count()} ({jax.process_count()} hosts), "
+          f"per device {b // data_ways} (data x fsdp = {data_ways}); mesh {dict(mesh.shape)}")
+
+
+def build_training(pipe: T2I, cfg):
+  """(outer_step, gen_tx, ta_tx) for the config's method."""
+  gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay)
+  outer, ta_update, gen_update = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx,
+                                                 ta_tx, batch_sharding=pipe.batch_sh)
+  return dict(outer=outer, ta_update=ta_update, gen_update=gen_update, gen_tx=gen_tx, ta_tx=ta_tx)
+
+
+def init_state(pipe: T2I, cfg, gen_tx, ta_tx):
+  with sharding.model_context(pipe.mesh, pipe.rules):
+    copy = jax.jit(st.copy_tree)
+    return st.init_train_state(gen_params=copy(pipe.gen_init), ta_params=copy(pipe.ref_params),
+                               gen_tx=gen_tx, ta_tx=ta_tx, ema=cfg.align.ema_decay > 0,
+                               seed=cfg.seed + 7, mesh=pipe.mesh)
+
+
+class LastMetrics:
+  """Wraps a compiled chunk and keeps its last (device) metrics, to name a non-finite quantity."""
+
+  def __init__(self, chunk):
+    self.chunk, self.metrics = chunk, None
+
+  def __call__(self, state, frozen, conds):
+    state, self.metrics = self.chunk(state, frozen, conds)
+    return state, self.metrics
+
+
+def check_finite(state, metrics, max_bad: int, step: int):
+  """NonFiniteError naming the first non-finite quantity after ``max_bad`` skipped updates in a row."""
+  bad = int(sharding.to_host(state.bad_steps))
+  if max_bad <= 0 or bad < max_bad:
+    return
+  host = {k: np.asarray(sharding.to_host(v)) for k, v in (metrics or {}).items()}
+  names = [k for k in NONFINITE_ORDER if k in host] + sorted(k for k in host if k not in NONFINITE_ORDER)
+  first = next((k for k in names if not np.all(np.isfinite(host[k]))), "gradients")
+  raise NonFiniteError(f"{bad} consecutive non-finite generator updates at step {step}: first "
+                       f"non-finite quantity {first!r}; the last good checkpoint is kept")
+
+
+def write_grid(path: str, images: np.ndarray, cols: int = 4):
+  from PIL import Image
+  n, h, w, _ = images.shape
+  rows = -(-n // cols)
+  grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+  px = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = px[i]
+  Image.fromarray(grid).save(path)
+  return grid
+
+
+def export(pipe: T2I, state, workdir: str, with_ema: bool) -> list[str]:
+  """Generator (and EMA) UNets as diffusers folders under workdir/export/."""
+  out = []
+  trees = [("unet", state.gen_params)] + ([("unet_ema", state.gen_ema)] if with_ema and state.gen_ema is not None else [])
+  for name, params in trees:
+    model = pipe.unet_model(params)
+    if jax.process_index() == 0:
+      folder = os.path.join(workdir, "export", name)
+      to_diffusers(model, folder)
+      out.append(folder)
+  return out
+
+
+def run(cfg, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  prompts = prompts_of(cfg)
+  sampler = PromptSampler(prompts, global_batch=cfg.align.batch, seed=cfg.seed, shuffle=cfg.data.shuffle)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity=identity(cfg, sampler),
+                      max_to_keep=cfg.checkpoint.keep, save_every=cfg.checkpoint.every_steps,
+                      async_save=cfg.checkpoint.async_save)
+  ckpt.check_identity()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
+  pipe = T2I(cfg)
+  log.info("%s", batch_arithmetic(cfg, pipe.mesh))
+  writer = MetricWriter(workdir)
+  parts = build_training(pipe, cfg)
+  frozen = pipe.frozen()
+  n = cfg.train.steps_per_chunk
+  eval_fn = pipe.eval_fn()
+  eval_cond, eval_z = pipe.eval_inputs(cfg.eval.prompts, cfg.eval.seed)
+  result = {}
+
+  def evaluate(step, state):
+    images, rewards = eval_fn(state.gen_params, frozen, eval_cond, eval_z)
+    images, rewards = sharding.to_host(images), sharding.to_host(rewards)
+    writer.write(step, {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())},
+                 prefix="eval/")
+    if jax.process_index() == 0:
+      grid = write_grid(os.path.join(workdir, f"grid_{step:06d}.png"), images)
+      writer.write_image(step, "eval/grid", grid)
+    result["eval_reward_mean"] = float(rewards.mean())
+
+  with StopSignal() as stop:
+    state = init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
+    restored = ckpt.restore(state)
+    state = restored if restored is not None else state
+    start = int(sharding.to_host(state.step))
+    if start < cfg.align.steps:
+      chunk = LastMetrics(compile_chunk(scan_chunk(parts["outer"], n), state, frozen,
+                                        pipe.conds(sampler, start, n), pipe.mesh, f"align/{cfg.method}"))
+      chunks = [0]
+
+      def on_chunk(step, st_, host):
+        check_finite(st_, chunk.metrics, cfg.align.max_bad_steps, step)
+        chunks[0] += 1
+        if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
+          evaluate(step, st_)
+
+      state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=chunk, steps_per_chunk=n,
+                         num_steps=cfg.align.steps, conds_for=lambda s: pipe.conds(sampler, s, n),
+                         checkpointer=ckpt, writer=writer, stop=stop,
+                         log_every_chunks=cfg.train.log_every_chunks, on_chunk=on_chunk)
+    end = int(sharding.to_host(state.step))
+    evaluate(end, state)
+    result["export"] = export(pipe, state, workdir, cfg.eval.export_ema)
+  ckpt.close()
+  writer.close()
+  result["step"] = end
+  log.info("finished at step %d; exported %s", end, result["export"])
+  return result

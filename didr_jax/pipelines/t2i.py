@@ -1,0 +1,168 @@
+"""The text-to-image Task: UNets (generator, reference, TA), VAE, text encoders and a reward.
+
+generator(z, c) = x0 of UNet_gen(input_scale * z, label_t, c) (eps -> x0 in float32);
+reference/TA = UNet(x_t, t, c) with eps prediction on the scaled_linear VP schedule;
+reward(x0, c) = r(clip(VAE.decode(x0 / scaling_factor), -1, 1), prompt ids) in float32.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from didr_jax import sharding
+from didr_jax.diffusion import Schedule
+from didr_jax.pipelines.conditioning import PromptEncoder
+from didr_jax.training.task import Task
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _load_real(cfg, mesh, rules, text_mesh):
+  """Weights from disk (paths already checked by ``validate``)."""
+  from didr_jax import rewards
+  from didr_jax.models.clip_loading import from_transformers
+  from didr_jax.models.diffusers_loading import from_diffusers
+  from didr_jax.text import load_clip_tokenizer
+  m = cfg.model
+  kw = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, rules=rules,
+            attention=m.attention, remat=m.remat, cache_dir=m.cache_dir or None)
+  unet = from_diffusers(os.path.join(m.reference, "unet"), **kw)
+  unet_graph, ref = nnx.split(unet)
+  gen = load_generator(m.generator, unet.config, kw) if m.generator else None
+  vae = from_diffusers(os.path.join(m.reference, "vae"), **dict(kw, dtype=DTYPES[m.vae_dtype]))
+  vae_graph, vae_params = nnx.split(vae)
+  towers = []
+  names = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if cfg.backbone == "sdxl" else [])
+  for enc, tok in names:
+    model = from_transformers(os.path.join(m.reference, enc), dtype=DTYPES[m.dtype],
+                              mesh=text_mesh, rules="replicated")
+    g, p = nnx.split(model)
+    towers.append((load_clip_tokenizer(os.path.join(m.reference, tok)), g, p))
+  r = cfg.reward
+  rkw = {k: getattr(r, k) for k in ("clip", "tokenizer") if getattr(r, k)}
+  if r.clip_config:
+    rkw["config" if r.name != "aesthetic" else "clip_config"] = r.clip_config
+  reward = rewards.load(r.name, r.path, mesh=mesh, rules=sharding.get_rules("replicated"), **rkw)
+  return dict(unet_graph=unet_graph, ref=ref, gen=gen, vae_graph=vae_graph, vae=vae_params,
+              vae_config=vae.config, towers=towers, reward=reward)
+
+
+def load_generator(path: str, unet_config, kw):
+  """A diffusers UNet folder, or one safetensors file in diffusers naming with the reference's config."""
+  from didr_jax.models.diffusers_loading import abstract_for, from_diffusers
+  from didr_jax.models.unet_mapping import unet_rules
+  from didr_jax.weights import load_state, read_safetensors
+  if os.path.isdir(path):
+    return nnx.split(from_diffusers(path, **kw))[1]
+  mesh, rules = kw["mesh"], kw["rules"]
+  _, abs_state = abstract_for("UNet2DConditionModel", unet_config, dtype=kw["dtype"],
+                              param_dtype=kw["param_dtype"], attention=kw["attention"],
+                              remat=kw["remat"], mesh=mesh, rules=rules)
+  return load_state(abs_state, read_safetensors(path), unet_rules(unet_config), what=path)
+
+
+class T2I:
+  """Models, Task and shardings of one text-to-image alignment run."""
+
+  def __init__(self, cfg, devices=None):
+    self.cfg = cfg
+    devices = list(jax.devices() if devices is None else devices)
+    self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
+    self.rules = sharding.get_rules(cfg.mesh.rules)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    self.text_mesh = sharding.make_mesh((1, 1, 1), devices=local[:1])
+    m = cfg.model
+    if cfg.variant == "tiny":
+      from didr_jax.pipelines import tiny
+      parts = tiny.build(cfg.backbone, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
+                         dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+                         vae_dtype=DTYPES[m.vae_dtype], text_mesh=self.text_mesh)
+      parts["gen"] = None
+    else:
+      parts = _load_real(cfg, self.mesh, self.rules, self.text_mesh)
+    self.unet_graph, self.vae_graph = parts["unet_graph"], parts["vae_graph"]
+    self.ref_params, self.vae_params = parts["ref"], parts["vae"]
+    # generator = copy of the reference unless a one-step checkpoint is given
+    self.gen_init = parts["gen"] if parts["gen"] is not None else parts["ref"]
+    self.vae_config, self.reward = parts["vae_config"], parts["reward"]
+    self.encoder = PromptEncoder(cfg.backbone, parts["towers"], self.reward.tokenizer,
+                                 resolution=cfg.data.resolution, dtype=DTYPES[m.dtype],
+                                 cache_size=cfg.data.cache_embeddings)
+    self.latent = cfg.data.resolution // 8
+    self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")
+    self.batch_sh = sharding.batch_sharding(self.mesh, 4)
+    self.task = self._task()
+
+  def frozen(self) -> dict:
+    return {"ref": self.ref_params, "vae": self.vae_params, "reward": self.reward.params}
+
+  def _task(self) -> Task:
+    cfg, sched, graph = self.cfg, self.schedule, self.unet_graph
+    label_t, scale = float(cfg.model.label_t), float(cfg.model.input_scale)
+    sdxl = cfg.backbone == "sdxl"
+
+    def network_apply(p, x, t, c):
+      unet = nnx.merge(graph, p)
+      extra = dict(text_embeds=c["pooled"], time_ids=c["time_ids"]) if sdxl else {}
+      return unet(x.astype(unet.dtype), t, c["context"], **extra)
+
+    def generator_apply(p, z, c):
+      t = jnp.full((z.shape[0],), label_t, jnp.float32)
+      x_in = scale * z.astype(jnp.float32)
+      eps = network_apply(p, x_in, t, c).astype(jnp.float32)
+      a, s = sched.alpha_sigma(label_t)
+      return (x_in - s * eps) / a
+
+    return Task(schedule=sched, prediction="eps", sample_shape=(self.latent, self.latent, 4),
+                generator_apply=generator_apply, network_apply=network_apply,
+                reward_apply=self.reward_apply, ta_t_range=tuple(cfg.align.ta_t_range),
+                gen_t_range=tuple(cfg.align.gen_t_range), uncond=self.encoder.uncond)
+
+  def decode(self, vae_params, x0):
+    """Latents (model scale) -> images in [-1, 1], float32."""
+    vae = nnx.merge(self.vae_graph, vae_params)
+    img = vae.decode(vae.unscale_latents(x0.astype(jnp.float32)).astype(vae.dtype))
+    return jnp.clip(img.astype(jnp.float32), -1.0, 1.0)
+
+  def reward_apply(self, frozen, x0, c):
+    return self.reward.apply(frozen["reward"], self.decode(frozen["vae"], x0), c.get("reward_ids"))
+
+  def cond_sharding(self, ndim: int, leading: bool):
+    """Batch axis sharded over (data, fsdp); ``leading``: a [steps] axis in front."""
+    spec = [None] * ndim
+    spec[1 if leading else 0] = ("data", "fsdp")
+    return NamedSharding(self.mesh, P(*spec))
+
+  def conds(self, sampler, step: int, n: int) -> dict:
+    """Conds of global steps [step, step + n) stacked [n, B, ...] (the data position is the step)."""
+    import numpy as np
+    rows = [self.encoder.encode(sampler.batch(step + i)) for i in range(n)]
+    host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return {k: jax.make_array_from_process_local_data(self.cond_sharding(v.ndim, True), v)
+            for k, v in host.items()}
+
+  def eval_inputs(self, prompts, seed: int):
+    """Replicated (cond, z) for the fixed held-out prompts and seeds."""
+    repl = sharding.replicated(self.mesh)
+    host = self.encoder.encode(list(prompts))
+    cond = {k: jax.device_put(v, repl) for k, v in host.items()}
+    z = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed),
+                                         (len(prompts), self.latent, self.latent, 4)), repl)
+    return cond, z
+
+  def eval_fn(self):
+    """jitted (gen_params, frozen, cond, z) -> (images [-1, 1], rewards)."""
+    def run(gen_params, frozen, cond, z):
+      x0 = self.task.generator_apply(gen_params, z, cond)
+      img = self.decode(frozen["vae"], x0)
+      return img, self.reward.apply(frozen["reward"], img, cond.get("reward_ids"))
+    return jax.jit(run)
+
+  def unet_model(self, params):
+    """An NNX UNet holding ``params`` gathered to host (for the diffusers export)."""
+    host = jax.tree.map(sharding.to_host, params)
+    return nnx.merge(self.unet_graph, host)
