@@ -40,21 +40,25 @@ def test_vp_and_flow_coefficients(sched):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}")
 def test_conversions_round_trip(prediction, sched):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   t = _times(sched)
-  a, s = sched.alpha_sigma(t)
-  x0 = jax.random.normal(k1, (t.shape[0], 4, 3))
-  eps = jax.random.normal(k2, x0.shape)
-  x = a[:, None, None] * x0 + s[:, None, None] * eps
-  # The exact network output for this (x0, eps) pair must map back to (x0, eps).
-  out = from_denoiser(x0, x, a, s, prediction)
-  d, e = to_denoiser(out, x, a, s, prediction)
-  chex.assert_trees_all_close(d, x0, atol=2e-4, rtol=1e-4)
-  chex.assert_trees_all_close(e, eps, atol=2e-4, rtol=1e-4)
-  chex.assert_trees_all_close(score(d, x, a, s), -eps / s[:, None, None], atol=1e-3, rtol=1e-4)
-  random_out = jax.random.normal(k3, x.shape)
-  d2, _ = to_denoiser(random_out, x, a, s, prediction)
-  chex.assert_trees_all_close(from_denoiser(d2, x, a, s, prediction), random_out, atol=2e-4, rtol=1e-4)
+
+  @jax.jit
+  def round_trip(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    a, s = sched.alpha_sigma(t)
+    x0 = jax.random.normal(k1, (t.shape[0], 4, 3))
+    eps = jax.random.normal(k2, x0.shape)
+    x = a[:, None, None] * x0 + s[:, None, None] * eps
+    # The exact network output for this (x0, eps) pair must map back to (x0, eps).
+    d, e = to_denoiser(from_denoiser(x0, x, a, s, prediction), x, a, s, prediction)
+    random_out = jax.random.normal(k3, x.shape)
+    d2, _ = to_denoiser(random_out, x, a, s, prediction)
+    return (d, x0), (e, eps), (score(d, x, a, s), -eps / s[:, None, None]), \
+        (from_denoiser(d2, x, a, s, prediction), random_out)
+
+  pairs = round_trip(jax.random.PRNGKey(0))
+  for (got, want), atol in zip(pairs, (2e-4, 2e-4, 1e-3, 2e-4)):
+    chex.assert_trees_all_close(got, want, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES[::2], ids=lambda s: s.kind)
@@ -72,13 +76,17 @@ def test_ddim_exact_for_point_mass_prior(sched):
   z = jax.random.normal(jax.random.PRNGKey(1), (5, 2))
   out = jax.jit(lambda z: ddim_sample(denoise, z, ts, sched))(z)
   chex.assert_trees_all_close(out, jnp.broadcast_to(c, out.shape), atol=1e-5)
-  # A single step also keeps the trajectory on the exact probability-flow path x_t = a c + s eps.
-  a0, s0 = sched.alpha_sigma(ts[:1])
-  x = a0[:, None] * c + s0[:, None] * z
-  d, e = denoise(x, jnp.full((5,), ts[0]), None)
-  a1, s1 = sched.alpha_sigma(ts[1])
-  chex.assert_trees_all_close(ddim_step(d, e, a1, s1), a1 * c + s1 * (x - a0[:, None] * c) / s0[:, None],
-                              atol=1e-5)
+
+  @jax.jit
+  def one_step(z):
+    # A single step keeps the trajectory on the exact probability-flow path x_t = a c + s eps.
+    a0, s0 = sched.alpha_sigma(ts[:1])
+    x = a0[:, None] * c + s0[:, None] * z
+    d, e = denoise(x, jnp.full((5,), ts[0]), None)
+    a1, s1 = sched.alpha_sigma(ts[1])
+    return ddim_step(d, e, a1, s1), a1 * c + s1 * (x - a0[:, None] * c) / s0[:, None]
+
+  chex.assert_trees_all_close(*one_step(z), atol=1e-5)
 
 
 def test_cfg_augmented_equals_diffusers_form():

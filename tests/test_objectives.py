@@ -37,7 +37,7 @@ def test_target_score_equals_closed_form():
   # The quadrature DRS of a one-component mixture with a first-coordinate linear reward agrees.
   b1 = jnp.array([1.3, 0.0])
   mix = GaussianMixture(((0.5, -1.0),), (V0 ** 0.5,), (1.0,))
-  quad = mixture_drs(mix, lambda x1: 1.3 * x1, BETA, x, a, s)
+  quad = jax.jit(lambda x, a, s: mixture_drs(mix, lambda x1: 1.3 * x1, BETA, x, a, s))(x, a, s)
   chex.assert_trees_all_close(quad, gaussian_linear_drs(a, s, V0, b1, BETA), atol=1e-4, rtol=1e-4)
 
 
@@ -48,7 +48,8 @@ def test_mixture_drs_against_brute_force_quadrature():
   x = np.array([[-1.3], [0.2], [0.9]], np.float32)
   t = jnp.array([0.2, 0.5, 0.8])
   a, s = SCHED.alpha_sigma(t)
-  ours = np.asarray(mixture_drs(mix, lambda x1: jax.nn.sigmoid(x1 / tau), beta, jnp.asarray(x), a, s))[:, 0]
+  ours = np.asarray(jax.jit(lambda x, a, s: mixture_drs(mix, lambda x1: jax.nn.sigmoid(x1 / tau), beta,
+                                                         x, a, s))(jnp.asarray(x), a, s))[:, 0]
   g = np.linspace(-8, 8, 40001)
 
   def log_h(xv, av, sv):
@@ -112,7 +113,7 @@ def test_didr_pseudo_loss_gradient(drs):
                           reward=lambda x0, c: x0 @ B, schedule=SCHED, z=z, cond=None, t=t, eps=eps,
                           exact_drs=exact_drs)[0]
 
-  grads = jax.grad(loss)(AFFINE)
+  grads = jax.jit(jax.grad(loss))(AFFINE)
   x_t = a_t[:, None] * affine_generator(AFFINE, z) + s_t[:, None] * eps
   score = lambda dd: (a_t[:, None] * dd - x_t) / s_t[:, None] ** 2
   v = score(ta(x_t, t)[0]) - score(_ref(x_t, t)[0]) - exact_drs(x_t, t, None)
@@ -175,9 +176,9 @@ def test_dipp_and_distar_gradients_match_finite_differences(method):
     cfg = ObjectiveConfig(method=method, alpha_rew=2.0, distar_c=0.5)
     loss = lambda p: generator_loss(cfg, generate=lambda zz, c: affine_generator(p, zz), ta=ta, ref=_ref,
                                     reward=reward, schedule=SCHED, z=z, cond=None, t=t, eps=eps)[0]
-    grads = jax.grad(loss)(p0)
+    grads = jax.jit(jax.grad(loss))(p0)
     if method == "distar":
-      reference = _fd_grad(loss, p0)     # no stop-gradients: the loss itself is differentiated
+      reference = _fd_grad(jax.jit(loss), p0)     # no stop-gradients: the loss itself is differentiated
     else:
       # DI++: -alpha r(x0(theta)) + mean sum g0 . x0(theta) with g0 = D_ta - D_ref frozen at theta0.
       a, s = SCHED.alpha_sigma(t)
@@ -185,7 +186,7 @@ def test_dipp_and_distar_gradients_match_finite_differences(method):
       g0 = ta(x_t, t)[0] - _ref(x_t, t)[0]
       surrogate = lambda p: (-2.0 * jnp.mean(reward(affine_generator(p, z), None))
                              + jnp.mean(jnp.sum(g0 * affine_generator(p, z), -1)))
-      reference = _fd_grad(surrogate, p0)
+      reference = _fd_grad(jax.jit(surrogate), p0)
     chex.assert_trees_all_close(grads, reference, atol=1e-7, rtol=1e-5)
 
 
@@ -205,10 +206,10 @@ def test_drp_t_max_cuts_only_the_drp_term():
   exact_drs = lambda x, tt, c: gaussian_linear_drs(*SCHED.alpha_sigma(tt), V0, B, BETA)
 
   def grad(cfg):
-    return jax.grad(lambda p: generator_loss(
+    return jax.jit(jax.grad(lambda p: generator_loss(
         cfg, generate=lambda zz, c: affine_generator(p, zz), ta=affine_ta(AFFINE), ref=_ref,
         reward=lambda x0, c: x0 @ B, schedule=SCHED, z=z, cond=None, t=t, eps=eps,
-        exact_drs=exact_drs)[0])(AFFINE)
+        exact_drs=exact_drs)[0]))(AFFINE)
 
   di = grad(ObjectiveConfig(method="di"))
   chex.assert_trees_all_close(grad(ObjectiveConfig(method="didr", drs="drp", drp_k=1, beta=BETA,

@@ -18,6 +18,8 @@ def tiny_config(method: str, steps: int):
   cfg.align.k_ta = 2
   cfg.align.steps = steps
   cfg.align.ema_decay = 0.9
+  cfg.align.gen_optimizer.lr = 1e-3     # pinned: independent of the fast variant's choices
+  cfg.align.ta_optimizer.lr = 3e-4
   cfg.train.steps_per_chunk = 2
   cfg.checkpoint.every_steps = 2
   cfg.checkpoint.async_save = False
