@@ -65,6 +65,11 @@ def load_generator(path: str, unet_config, kw):
   return load_state(abs_state, read_safetensors(path), unet_rules(unet_config), what=path)
 
 
+def vae_factor(vae_config) -> int:
+  """Pixels per latent: 2 ** (levels - 1) (8 for SD / SDXL VAEs)."""
+  return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
 class T2I:
   """Models, Task and shardings of one text-to-image alignment run."""
 
@@ -92,7 +97,7 @@ class T2I:
     self.encoder = PromptEncoder(cfg.backbone, parts["towers"], self.reward.tokenizer,
                                  resolution=cfg.data.resolution, dtype=DTYPES[m.dtype],
                                  cache_size=cfg.data.cache_embeddings)
-    self.latent = cfg.data.resolution // 8
+    self.latent = cfg.data.resolution // vae_factor(self.vae_config)
     self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")
     self.batch_sh = sharding.batch_sharding(self.mesh, 4)
     self.task = self._task()

@@ -2,7 +2,7 @@
 
 SDXL-shaped: text_time UNet with linear projections and two text towers (context 16 + 32 = 48,
 pooled 32, add embedding 32 + 6 x 8 = 80); SD1.5-shaped: conv-projection UNet, one tower
-(context 32). An 8x-downsampling VAE (8x8 latents <-> 64x64 images) and a PickScore-style CLIP
+(context 32). A 4x-downsampling VAE (4x4 latents <-> 16x16 images) and a PickScore-style CLIP
 reward (exp(logit_scale) cos(image, text)) complete the set. All towers share HashTokenizer ids.
 """
 from __future__ import annotations
@@ -27,22 +27,22 @@ VOCAB, TOKENS = 1000, 16
 def unet_config(backbone: str) -> UNetConfig:
   if backbone == "sdxl":
     return UNetConfig(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+        sample_size=4, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1), cross_attention_dim=48, norm_num_groups=8,
         use_linear_projection=True, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
   return UNetConfig(
-      sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
+      sample_size=4, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4,
       cross_attention_dim=32, norm_num_groups=8,
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def vae_config(backbone: str) -> VAEConfig:
-  return VAEConfig(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
-                   latent_channels=4, sample_size=64,
+  return VAEConfig(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                   up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
+                   latent_channels=4, sample_size=16,
                    scaling_factor=0.13025 if backbone == "sdxl" else 0.18215)
 
 
@@ -60,7 +60,7 @@ def reward_config() -> CLIPConfig:
   return CLIPConfig(
       text=CLIPTextConfig(vocab_size=VOCAB, width=32, layers=2, heads=4, mlp_dim=37, act="gelu",
                           max_positions=TOKENS, projection_dim=16, eos_token_id=VOCAB - 1),
-      vision=CLIPVisionConfig(image_size=32, patch_size=4, width=32, layers=2, heads=4, mlp_dim=37,
+      vision=CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_dim=37,
                               act="gelu", projection_dim=16))
 
 
