@@ -92,7 +92,7 @@ def base_config(backbone: str, variant: str):
   c.train = config_dict.ConfigDict(dict(steps_per_chunk=10, log_every_chunks=1))
   c.checkpoint = config_dict.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
 
-  c.tiny = config_dict.ConfigDict(dict(prompts=(
+  c.tiny = config_dict.ConfigDict(dict(width=16, vae_width=8, prompts=(
       "a red cube", "a blue sphere on grass", "a cat in the snow", "a city at night",
       "an old map", "a bowl of fruit", "a sailing boat", "a mountain lake", "a green bird",
       "a yellow car", "a wooden chair", "a portrait of a dog")))

@@ -85,7 +85,8 @@ class T2I:
       from didr_jax.pipelines import tiny
       parts = tiny.build(cfg.backbone, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
                          dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-                         vae_dtype=DTYPES[m.vae_dtype], text_mesh=self.text_mesh)
+                         vae_dtype=DTYPES[m.vae_dtype], text_mesh=self.text_mesh,
+                         width=cfg.tiny.width, vae_width=cfg.tiny.vae_width)
       parts["gen"] = None
     else:
       parts = _load_real(cfg, self.mesh, self.rules, self.text_mesh)

@@ -24,23 +24,25 @@ from didr_jax.rewards.clip_rewards import CLIPReward
 VOCAB, TOKENS = 1000, 16
 
 
-def unet_config(backbone: str) -> UNetConfig:
+def unet_config(backbone: str, width: int = 16) -> UNetConfig:
+  """``width``: channels of the first level (the second has 2x); benchmarks scale it up."""
   if backbone == "sdxl":
     return UNetConfig(
-        sample_size=4, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1), cross_attention_dim=48, norm_num_groups=8,
+        sample_size=4, block_out_channels=(width, 2 * width), layers_per_block=1,
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), cross_attention_dim=48, norm_num_groups=8,
         use_linear_projection=True, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
   return UNetConfig(
-      sample_size=4, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4,
+      sample_size=4, block_out_channels=(width, 2 * width), layers_per_block=1, attention_head_dim=4,
       cross_attention_dim=32, norm_num_groups=8,
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
-def vae_config(backbone: str) -> VAEConfig:
-  return VAEConfig(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+def vae_config(backbone: str, width: int = 8) -> VAEConfig:
+  return VAEConfig(block_out_channels=(width, 2 * width, 2 * width),
+                   down_block_types=("DownEncoderBlock2D",) * 3,
                    up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
                    latent_channels=4, sample_size=16,
                    scaling_factor=0.13025 if backbone == "sdxl" else 0.18215)
@@ -96,13 +98,14 @@ def create_random(make_model, mesh, rules, seed: int):
   return graphdef, jax.tree_util.tree_map_with_path(init, abs_state)
 
 
-def build(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, vae_dtype, text_mesh):
+def build(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, vae_dtype, text_mesh,
+          width: int = 16, vae_width: int = 8):
   """dict(unet_graph, ref, vae_graph, vae, vae_config, towers, reward) of random tiny models."""
-  ucfg = unet_config(backbone)
+  ucfg = unet_config(backbone, width)
   unet_graph, ref = create_random(
       lambda: UNet2DConditionModel(ucfg, dtype=dtype, param_dtype=param_dtype, rngs=ShapeOnlyRngs()),
       mesh, rules, seed)
-  vcfg = vae_config(backbone)
+  vcfg = vae_config(backbone, vae_width)
   vae_graph, vae = create_random(
       lambda: AutoencoderKL(vcfg, dtype=vae_dtype, param_dtype=param_dtype, rngs=ShapeOnlyRngs()),
       mesh, rules, seed + 1)

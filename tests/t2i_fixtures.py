@@ -1,0 +1,76 @@
+"""Helpers for tests/test_t2i_pipeline.py: tiny configs, compiled generator chunks (cached per
+pipeline and method), prompt conds, and fake diffusers folder layouts for validation tests."""
+import json
+import os
+
+from configs.sdxl import get_config
+from didr_jax.data import PromptSampler
+from didr_jax.pipelines import experiment, tiny
+from didr_jax.training.steps import compile_chunk, scan_chunk
+
+# XLA CPU compiles dominate the runtime of these tests; optimisations buy nothing at tiny shapes.
+FAST_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+_CHUNKS = {}
+
+
+def tiny_config(method: str):
+  cfg = get_config("tiny")
+  cfg.method = method
+  return cfg
+
+
+def sampler(cfg):
+  return PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=cfg.seed,
+                       shuffle=cfg.data.shuffle)
+
+
+def conds(pipe, step: int):
+  return pipe.conds(sampler(pipe.cfg), step, 1)
+
+
+def fresh_state(pipe, cfg):
+  parts = experiment.build_training(pipe, cfg)
+  return experiment.init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
+
+
+def gen_chunk(pipe, cfg):
+  """(compiled one-step generator-update chunk, [trace count]), compiled once per (pipe, method)."""
+  key = (id(pipe), cfg.method)
+  if key not in _CHUNKS:
+    parts = experiment.build_training(pipe, cfg)
+    traces = [0]
+
+    def counted(state, frozen, cond):
+      traces[0] += 1
+      return parts["gen_update"](state, frozen, cond)
+    state = fresh_state(pipe, cfg)
+    chunk = compile_chunk(scan_chunk(counted, 1), state, pipe.frozen(), conds(pipe, 0), pipe.mesh,
+                          f"gen/{cfg.method}")
+    _CHUNKS[key] = (chunk, traces)
+  return _CHUNKS[key]
+
+
+def real_config(tmp_path, *, reference=None, generator="", reward=None, prompts="a cat\na dog\n",
+                batch=8, unet_extra=None):
+  """The real-run SDXL config over a fake folder layout holding only what validation reads."""
+  root = str(tmp_path / "ref")
+  unet_cfg = dict(tiny.unet_config("sdxl").to_dict(), **(unet_extra or {}))
+  files = {"unet/config.json": unet_cfg, "vae/config.json": tiny.vae_config("sdxl").to_dict(),
+           "text_encoder/config.json": {}, "text_encoder_2/config.json": {},
+           "tokenizer/vocab.json": {}, "tokenizer_2/vocab.json": {}}
+  for name, content in files.items():
+    os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+    with open(os.path.join(root, name), "w") as f:
+      json.dump(content, f)
+  reward_dir = str(tmp_path / "reward")
+  os.makedirs(reward_dir, exist_ok=True)
+  prompt_file = str(tmp_path / "prompts.txt")
+  with open(prompt_file, "w") as f:
+    f.write(prompts)
+  cfg = get_config("")
+  cfg.model.reference = reference or root
+  cfg.model.generator = generator
+  cfg.reward.path = reward or reward_dir
+  cfg.data.prompts = prompt_file
+  cfg.align.batch = batch
+  return cfg

@@ -1,0 +1,216 @@
+"""The text-to-image pipeline on random tiny SDXL-shaped models (8 CPU devices).
+
+One method end to end through the CLI (metrics, grid PNG, checkpoint, diffusers export that
+diffusers loads); the other methods' generator steps in-process; 8 devices == 1 device; resume ==
+straight; a NaN reward is skipped then stops the run naming it; no retracing; bad inputs fail
+before any compilation with named errors.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from didr_jax import sharding
+from didr_jax.pipelines import experiment, validate
+from didr_jax.pipelines.t2i import T2I
+from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.loop import NonFiniteError, run_chunks
+from didr_jax.training.steps import compile_chunk, scan_chunk
+from tests import t2i_fixtures as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """XLA CPU compiles dominate these tests; optimisations buy nothing at tiny shapes."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("t2i") / "run")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **tf.FAST_ENV)
+  proc = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py:tiny",
+                         f"--workdir={workdir}", "--config.method=didr"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc.stderr
+
+
+def test_cli_outputs(cli_run):
+  workdir, err = cli_run
+  assert "per device 1 (data x fsdp = 8)" in err
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in rows if "didr/gen_loss" in r]
+  assert [r["step"] for r in train] == [1, 2, 3]
+  for r in train:
+    for k in ("didr/gen_loss", "didr/ta_loss", "didr/reward", "didr/drp_reward", "didr/gen_grad_norm"):
+      assert np.isfinite(r[k]), (k, r)
+  assert any("eval/reward_mean" in r for r in rows)
+  assert os.path.isfile(os.path.join(workdir, "grid_000003.png"))
+  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_cli_export_loads_in_diffusers(cli_run):
+  workdir, _ = cli_run
+  from tests import clip_torch_env  # noqa: F401  (torchvision workaround before diffusers)
+  from diffusers import UNet2DConditionModel
+  from didr_jax.weights import read_safetensors
+  for name in ("unet", "unet_ema"):
+    folder = os.path.join(workdir, "export", name)
+    model = UNet2DConditionModel.from_pretrained(folder)
+    assert model.config.addition_embed_type == "text_time"
+    ours = read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    sd = model.state_dict()
+    assert set(sd) == set(ours)
+    np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
+
+
+@pytest.fixture(scope="module")
+def pipe8():
+  return T2I(tf.tiny_config("dipp"))
+
+
+@pytest.fixture(scope="module")
+def dipp_chunk(pipe8):
+  """The dipp generator update compiled once on 8 devices, shared by several tests."""
+  return tf.gen_chunk(pipe8, tf.tiny_config("dipp"))
+
+
+@pytest.mark.parametrize("method", ["di", "distar"])
+def test_other_methods_generator_step(pipe8, method):
+  cfg = tf.tiny_config(method)
+  chunk, _ = tf.gen_chunk(pipe8, cfg)
+  state = tf.fresh_state(pipe8, cfg)
+  before = sharding.to_host(jax.tree.leaves(state.gen_params)[0])
+  state, metrics = chunk(state, pipe8.frozen(), tf.conds(pipe8, 0))
+  assert np.isfinite(sharding.to_host(metrics["gen_loss"])).all()
+  assert int(sharding.to_host(state.bad_steps)) == 0
+  assert not np.array_equal(sharding.to_host(jax.tree.leaves(state.gen_params)[0]), before)
+
+
+def test_sharded_equals_single_device(pipe8, dipp_chunk):
+  cfg = tf.tiny_config("dipp")
+  state8, _ = dipp_chunk[0](tf.fresh_state(pipe8, cfg), pipe8.frozen(), tf.conds(pipe8, 0))
+  pipe1 = T2I(cfg, devices=jax.devices()[:1])
+  chunk1, _ = tf.gen_chunk(pipe1, cfg)
+  state1 = tf.fresh_state(pipe1, cfg)
+  state1, _ = chunk1(state1, pipe1.frozen(), tf.conds(pipe1, 0))
+  a = jax.tree.map(sharding.to_host, state8.gen_params)
+  b = jax.tree.map(sharding.to_host, state1.gen_params)
+  err = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert err < 1e-5, err
+  assert str(jax.tree.leaves(state8.gen_params)[0].sharding.mesh.shape) != str(
+      jax.tree.leaves(state1.gen_params)[0].sharding.mesh.shape)
+
+
+def test_resume_equals_straight_and_no_retrace(pipe8, dipp_chunk, tmp_path):
+  cfg = tf.tiny_config("dipp")
+  chunk, traces = dipp_chunk
+  frozen = pipe8.frozen()
+  sampler = tf.sampler(cfg)
+  conds_for = lambda s: pipe8.conds(sampler, s, 1)
+  straight = tf.fresh_state(pipe8, cfg)
+  straight = run_chunks(name="s", state=straight, frozen=frozen, chunk=chunk, steps_per_chunk=1,
+                        num_steps=3, conds_for=conds_for, writer=None)
+  ident = experiment.identity(cfg, sampler)
+  ck = Checkpointer(str(tmp_path / "ck"), identity=ident, max_to_keep=2, save_every=1, async_save=False)
+  first = tf.fresh_state(pipe8, cfg)
+  run_chunks(name="a", state=first, frozen=frozen, chunk=chunk, steps_per_chunk=1, num_steps=2,
+             conds_for=conds_for, checkpointer=ck, writer=None)
+  ck.close()
+  ck = Checkpointer(str(tmp_path / "ck"), identity=ident, max_to_keep=2, save_every=1, async_save=False)
+  like = tf.fresh_state(pipe8, cfg)
+  resumed = ck.restore(like)
+  assert int(sharding.to_host(resumed.step)) == 2
+  resumed = run_chunks(name="b", state=resumed, frozen=frozen, chunk=chunk, steps_per_chunk=1,
+                       num_steps=3, conds_for=conds_for, writer=None)
+  ck.close()
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(sharding.to_host(x), sharding.to_host(y))
+  assert traces[0] == 1, f"the step was traced {traces[0]} times"
+
+
+def test_nan_reward_skipped_then_stops(pipe8, dipp_chunk):
+  cfg = tf.tiny_config("dipp")
+  chunk, _ = dipp_chunk
+  frozen = pipe8.frozen()
+  frozen["reward"] = jax.tree.map(lambda x: x * np.float32("nan"), frozen["reward"])  # same shapes
+  state = tf.fresh_state(pipe8, cfg)
+  before = jax.tree.map(sharding.to_host, state.gen_params)
+  held = experiment.LastMetrics(chunk)
+  seen = []
+
+  def on_chunk(step, st_, host):
+    seen.append(int(sharding.to_host(st_.bad_steps)))
+    if step == 1:
+      for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(st_.gen_params)):
+        np.testing.assert_array_equal(x, sharding.to_host(y))
+    experiment.check_finite(st_, held.metrics, 2, step)
+
+  with pytest.raises(NonFiniteError, match="first non-finite quantity 'reward'"):
+    run_chunks(name="nan", state=state, frozen=frozen, chunk=held, steps_per_chunk=1, num_steps=5,
+               conds_for=lambda s: tf.conds(pipe8, s), writer=None, on_chunk=on_chunk)
+  assert seen == [1, 2]
+
+
+# ---- bad inputs: named errors before any model is built or compiled ----
+
+def test_missing_reference_folder(tmp_path):
+  cfg = tf.real_config(tmp_path, reference=str(tmp_path / "nope"))
+  with pytest.raises(validate.ConfigError, match=r"config.model.reference: .*nope: folder not found; "
+                     r"expected a diffusers folder with unet/, vae/, text_encoder/, text_encoder_2/"):
+    validate.validate(cfg)
+
+
+def test_missing_subfolder_named(tmp_path):
+  cfg = tf.real_config(tmp_path)
+  os.remove(os.path.join(cfg.model.reference, "text_encoder_2", "config.json"))
+  with pytest.raises(validate.ConfigError, match=r"text_encoder_2/config.json missing"):
+    validate.validate(cfg)
+
+
+def test_wrong_unet_for_config(tmp_path):
+  cfg = tf.real_config(tmp_path, unet_extra={"addition_embed_type": None})
+  with pytest.raises(validate.ConfigError, match=r"addition_embed_type=None; an SDXL UNet has 'text_time'"):
+    validate.validate(cfg)
+
+
+def test_missing_generator_and_reward(tmp_path):
+  cfg = tf.real_config(tmp_path, generator=str(tmp_path / "gen.bin"))
+  with pytest.raises(validate.ConfigError, match=r"config.model.generator: .*gen.bin: not found"):
+    validate.validate(cfg)
+  cfg = tf.real_config(tmp_path, reward=str(tmp_path / "none"))
+  with pytest.raises(validate.ConfigError, match=r"config.reward.path: .*none: not found"):
+    validate.validate(cfg)
+
+
+def test_empty_prompt_file(tmp_path):
+  cfg = tf.real_config(tmp_path, prompts="")
+  with pytest.raises(validate.ConfigError, match=r"config.data.prompts: .*no prompts"):
+    validate.validate(cfg)
+
+
+def test_batch_not_divisible_by_mesh(tmp_path):
+  cfg = tf.real_config(tmp_path, batch=12)
+  with pytest.raises(validate.ConfigError, match=r"config.align.batch: 12 is not divisible by the "
+                     r"mesh's data x fsdp = 8 devices"):
+    validate.validate(cfg)
+
+
+def test_cli_bad_input_one_line(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py",
+                         f"--workdir={tmp_path}/w", f"--config.model.reference={tmp_path}/missing"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "error: config.model.reference:" in proc.stderr and "folder not found" in proc.stderr
+  assert "compiled" not in proc.stderr
