@@ -19,6 +19,14 @@ SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config
 ENV = dict(os.environ, XLA_FLAGS="")   # the CLI runs on 1 CPU device, as a user's laptop does
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """The interrupted run and its rerun share XLA's persistent cache (the rerun recompiles nothing)."""
+  ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+  ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield
+
+
 def _cmd(workdir, *extra):
   return [sys.executable, "-m", "didr_jax.main", "--config=configs/toy.py:fast", f"--workdir={workdir}",
           *SMALL, *extra]
