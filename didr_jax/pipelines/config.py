@@ -8,9 +8,10 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 BACKBONES = {
-    # label timestep of the one-step generator (MODELS.md 3.3), image size, VAE scale
-    "sdxl": dict(label_t=399, resolution=1024, vae_scale=0.13025),
-    "sd15": dict(label_t=999, resolution=512, vae_scale=0.18215),
+    # label timestep of the one-step generator (MODELS.md 3.3), image size
+    # cfg_w (augmented): 7.5 for SDXL (DI*, DMD2); SD1.5: DMD2's guidance 1.75 = 1 + 0.75
+    "sdxl": dict(label_t=399, resolution=1024, cfg_w=7.5),
+    "sd15": dict(label_t=999, resolution=512, cfg_w=0.75),
 }
 
 
@@ -68,7 +69,7 @@ def base_config(backbone: str, variant: str):
   c.objective.drp_t_max = -1.0
   c.objective.distar_c = 1.0
   c.objective.cfg_placement = "in"
-  c.objective.cfg_w = 7.5                 # augmented: out_c + w (out_c - out_u) = diffusers 1 + w
+  c.objective.cfg_w = b["cfg_w"]          # augmented: out_c + w (out_c - out_u) = diffusers 1 + w
 
   c.align = config_dict.ConfigDict()
   c.align.steps = 20_000

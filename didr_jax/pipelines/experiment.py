@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -163,18 +164,28 @@ def run(cfg, workdir: str) -> dict:
     if start < cfg.align.steps:
       chunk = LastMetrics(compile_chunk(scan_chunk(parts["outer"], n), state, frozen,
                                         pipe.conds(sampler, start, n), pipe.mesh, f"align/{cfg.method}"))
-      chunks = [0]
+      chunks, clock = [0], [time.time()]
 
       def on_chunk(step, st_, host):
         check_finite(st_, chunk.metrics, cfg.align.max_bad_steps, step)
         chunks[0] += 1
+        now = time.time()
+        if host is not None:   # wall time per outer step (includes host-side prompt encoding)
+          dt = (now - clock[0]) / n
+          writer.write(step, {"step_time_s": dt, "images_per_s": cfg.align.batch / dt}, prefix="perf/")
+        clock[0] = now
         if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
           evaluate(step, st_)
 
-      state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=chunk, steps_per_chunk=n,
-                         num_steps=cfg.align.steps, conds_for=lambda s: pipe.conds(sampler, s, n),
-                         checkpointer=ckpt, writer=writer, stop=stop,
-                         log_every_chunks=cfg.train.log_every_chunks, on_chunk=on_chunk)
+      try:
+        state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=chunk,
+                           steps_per_chunk=n, num_steps=cfg.align.steps,
+                           conds_for=lambda s: pipe.conds(sampler, s, n), checkpointer=ckpt,
+                           writer=writer, stop=stop, log_every_chunks=cfg.train.log_every_chunks,
+                           on_chunk=on_chunk)
+      except NonFiniteError:
+        ckpt.close()           # let pending async saves of the last good state finish
+        raise
     end = int(sharding.to_host(state.step))
     evaluate(end, state)
     result["export"] = export(pipe, state, workdir, cfg.eval.export_ema)
