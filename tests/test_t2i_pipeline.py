@@ -67,12 +67,14 @@ def cli_run(tmp_path_factory):
   return workdir, first, second.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes(cli_run):
   workdir, first, second = cli_run
   assert "per device 1 (data x fsdp = 8)" in first
   assert "[didr] step 3/3" in second and "[didr] step 1/3" not in second
 
 
+@pytest.mark.slow
 def test_cli_outputs(cli_run):
   workdir, _, _ = cli_run
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -86,6 +88,7 @@ def test_cli_outputs(cli_run):
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_cli_export_loads_in_diffusers(cli_run):
   workdir, _, _ = cli_run
   from tests import clip_torch_env  # noqa: F401  (torchvision workaround before diffusers)
