@@ -278,3 +278,19 @@ def test_sd15_tiny_generator_reward_and_uncond():
   assert np.isfinite(sharding.to_host(rewards)).all()
   empty = pipe.encoder.encode([""])["context"][0]
   np.testing.assert_array_equal(sharding.to_host(pipe.encoder.uncond(cond)["context"])[1], empty)
+
+
+def test_real_run_loaders_on_disk_folders(tmp_path):
+  """The default (real) config over on-disk diffusers / transformers folders of tiny models:
+  validation passes, every loader runs, and generator + VAE + reward give finite scores."""
+  from tests import t2i_real_folder
+  ref, reward = t2i_real_folder.write_sdxl_folders(str(tmp_path))
+  cfg = tf.real_config(tmp_path, reference=ref, reward=reward)
+  cfg.model.dtype, cfg.model.remat, cfg.data.resolution = "float32", "none", 16
+  cfg.model.generator = os.path.join(ref, "unet", "diffusion_pytorch_model.safetensors")
+  validate.validate(cfg)
+  pipe = T2I(cfg)
+  cond, z = pipe.eval_inputs(["a red cube", "a cat"], 0)
+  assert cond["context"].shape == (2, 77, 48) and cond["pooled"].shape == (2, 32)
+  _, rewards = pipe.eval_fn()(pipe.gen_init, pipe.frozen(), cond, z)
+  assert np.isfinite(sharding.to_host(rewards)).all()

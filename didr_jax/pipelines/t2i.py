@@ -39,7 +39,7 @@ def _load_real(cfg, mesh, rules, text_mesh):
   names = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if cfg.backbone == "sdxl" else [])
   for enc, tok in names:
     model = from_transformers(os.path.join(m.reference, enc), dtype=DTYPES[m.dtype],
-                              mesh=text_mesh, rules="replicated")
+                              mesh=text_mesh, rules=sharding.get_rules("replicated"))
     g, p = nnx.split(model)
     towers.append((load_clip_tokenizer(os.path.join(m.reference, tok)), g, p))
   r = cfg.reward
