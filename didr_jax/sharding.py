@@ -82,10 +82,30 @@ def model_context(mesh: jax.sharding.Mesh, rules):
     yield
 
 
+def fit_shardings(abstract_state):
+  """Replicate every dimension whose size the mesh axes assigned to it do not divide.
+
+  E.g. a UNet ``conv_out`` with 4 output channels cannot be split 8 ways; jax refuses uneven
+  shards, so that (small) dimension is kept whole on each device instead.
+  """
+  def fit(leaf):
+    sh = leaf.sharding
+    spec = tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec))
+    new = []
+    for size, axes in zip(leaf.shape, spec):
+      names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+      ways = int(np.prod([sh.mesh.shape[a] for a in names], dtype=np.int64))
+      new.append(axes if size % ways == 0 else None)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(sh.mesh, P(*new)))
+  return jax.tree.map(fit, abstract_state)
+
+
 def abstract_model(make_model: Callable[[], nnx.Module], mesh, rules):
-  """(graphdef, abstract state) whose leaves are ShapeDtypeStructs with NamedShardings."""
+  """(graphdef, abstract state) whose leaves are ShapeDtypeStructs with NamedShardings, fitted
+  so that every sharded dimension divides evenly (see :func:`fit_shardings`)."""
   with model_context(mesh, rules):
-    return nnx.get_abstract_model(make_model, mesh)
+    graphdef, abs_state = nnx.get_abstract_model(make_model, mesh)
+  return graphdef, fit_shardings(abs_state)
 
 
 def state_shardings(abstract_state):

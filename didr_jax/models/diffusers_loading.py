@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax import sharding as shd
 from didr_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -79,24 +78,6 @@ def _mesh_and_rules(mesh, rules):
   return mesh, rules
 
 
-def fit_shardings(abstract_state):
-  """Replicate every dimension whose size the mesh axes assigned to it do not divide.
-
-  E.g. a UNet ``conv_out`` with 4 output channels cannot be split 8 ways; jax refuses uneven
-  shards, so that (small) dimension is kept whole on each device instead.
-  """
-  def fit(leaf):
-    sh = leaf.sharding
-    spec = tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec))
-    new = []
-    for size, axes in zip(leaf.shape, spec):
-      names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-      ways = int(np.prod([sh.mesh.shape[a] for a in names], dtype=np.int64))
-      new.append(axes if size % ways == 0 else None)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(sh.mesh, P(*new)))
-  return jax.tree.map(fit, abstract_state)
-
-
 class ShapeOnlyRngs:
   """Stand-in for ``nnx.Rngs`` when only shapes matter (abstract models): one fixed key.
 
@@ -114,8 +95,7 @@ def abstract_for(class_name: str, cfg, *, dtype, param_dtype, attention, remat, 
   kind = KINDS[class_name]
   make = lambda: kind.model_cls(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention,
                                 remat=remat, rngs=ShapeOnlyRngs())
-  graphdef, abs_state = shd.abstract_model(make, mesh, rules)
-  return graphdef, fit_shardings(abs_state)
+  return shd.abstract_model(make, mesh, rules)
 
 
 def _weight_fingerprint(folder: str) -> list:

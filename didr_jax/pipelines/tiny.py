@@ -13,7 +13,7 @@ from didr_jax import sharding
 import jax
 import numpy as np
 
-from didr_jax.models.diffusers_loading import ShapeOnlyRngs, fit_shardings
+from didr_jax.models.diffusers_loading import ShapeOnlyRngs
 from didr_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, \
     CLIPTextModelWithProjection, CLIPVisionConfig
 from didr_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -87,7 +87,6 @@ def create_random(make_model, mesh, rules, seed: int):
   ``conv_out`` on an 8-way fsdp axis). Parameters are drawn on the host: tracing the modules'
   own initialisers costs minutes of CPU time even for these tiny models."""
   graphdef, abs_state = sharding.abstract_model(make_model, mesh, rules)
-  abs_state = fit_shardings(abs_state)
   rng = np.random.default_rng(seed)
 
   def init(path, leaf):
