@@ -7,7 +7,6 @@ before any compilation with named errors.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -20,8 +19,8 @@ from didr_jax.pipelines import experiment, validate
 from didr_jax.pipelines.t2i import T2I
 from didr_jax.training.checkpoint import Checkpointer
 from didr_jax.training.loop import NonFiniteError, run_chunks
-from didr_jax.training.steps import compile_chunk, scan_chunk
 from tests import t2i_fixtures as tf
+from tests.cli_util import run_until_then_sigterm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,21 +44,9 @@ def cli_run(tmp_path_factory):
              JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), **tf.FAST_ENV)
   cmd = [sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={workdir}",
          "--config.method=didr"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True)
-  lines = []
-  try:
-    for line in proc.stderr:
-      lines.append(line)
-      if "[didr] step 1/3" in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    lines.append(proc.communicate(timeout=900)[1])
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  first = "".join(lines)
-  assert proc.returncode == 0, first[-4000:]
+  returncode, first = run_until_then_sigterm(cmd, cwd=ROOT, env=env, marker="[didr] step 1/3",
+                                             timeout=900)
+  assert returncode == 0, first[-4000:]
   assert "stopped by signal 15" in first, first[-4000:]
   assert not os.path.isdir(os.path.join(workdir, "export")), "a preempted run exports nothing"
   second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

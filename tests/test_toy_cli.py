@@ -2,12 +2,13 @@
 bad input stops before training with one line naming the field."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.cli_util import run_until_then_sigterm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
@@ -36,22 +37,9 @@ def _cmd(workdir, *extra):
 def finished_run(tmp_path_factory):
   """Start the run, SIGTERM it during the first alignment method, then rerun the same command."""
   workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True)
-  lines = []
-  try:
-    for line in proc.stderr:
-      lines.append(line)
-      if "[di] step" in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    _, rest = proc.communicate(timeout=300)
-    lines.append(rest)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  first = "".join(lines)
-  assert proc.returncode == 0, first[-3000:]
+  returncode, first = run_until_then_sigterm(_cmd(workdir), cwd=ROOT, env=ENV, marker="[di] step",
+                                             timeout=300)
+  assert returncode == 0, first[-3000:]
   assert "stopped by signal 15" in first, first[-3000:]
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   assert os.listdir(os.path.join(workdir, "checkpoints", "di")), "SIGTERM must leave a checkpoint"
