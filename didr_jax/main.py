@@ -72,7 +72,13 @@ def main(argv):
   return 0
 
 
-INPUT_ERRORS = ("ConfigError", "ConfigMismatchError", "WeightFileError", "WeightMismatchError")
+def _input_errors():
+  """Error classes that mean bad input: one line on stderr, exit code 2."""
+  from didr_jax.data import PromptDataError
+  from didr_jax.errors import ConfigError
+  from didr_jax.training.checkpoint import ConfigMismatchError
+  from didr_jax.weights import WeightFileError, WeightMismatchError
+  return (ConfigError, ConfigMismatchError, PromptDataError, WeightFileError, WeightMismatchError)
 
 
 def _bad_override_line(argv, err) -> str:
@@ -100,7 +106,7 @@ def entry(argv=None):
   try:
     app.run(main, argv=argv, flags_parser=_parse_flags)
   except ValueError as e:  # config and input errors: one line, non-zero exit
-    if type(e).__name__ in INPUT_ERRORS:
+    if isinstance(e, _input_errors()):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     raise

@@ -12,8 +12,7 @@ from didr_jax.objectives.generator import CFG_PLACEMENTS, METHODS, WEIGHTINGS
 from didr_jax.sharding import RULES
 
 
-class ConfigError(ValueError):
-  pass
+from didr_jax.errors import ConfigError  # noqa: E402  (re-exported: validate.ConfigError)
 
 
 def _fail(field, reason):

@@ -11,8 +11,7 @@ from didr_jax.sharding import RULES
 TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "distar")
 
 
-class ConfigError(ValueError):
-  pass
+from didr_jax.errors import ConfigError  # noqa: E402  (re-exported: validate.ConfigError)
 
 
 def _fail(field, reason):
