@@ -8,6 +8,9 @@ import pytest
 
 from didr_jax.objectives import (GaussianMixture, ObjectiveConfig, drp_estimate, gaussian_linear_drs,
                                  generator_loss, mixture_drs)
+from didr_jax.diffusion import Schedule
+from didr_jax.objectives.generator import tbin_ratios
+from didr_jax.training.metrics import reduce_chunk_metrics
 from tests.gaussian_refs import SCHED, affine_generator, affine_ta, gaussian_denoiser
 
 MU = jnp.array([0.5, -1.0])
@@ -82,9 +85,10 @@ def test_drp_scan_closed_form(k):
   """K=1 equals the exact DRS; K=2,4 equal the closed-form K-step DDIM Jacobian (biased)."""
   x, t = _xt()
   reward = lambda x0, c: x0 @ B
-  drp = jax.jit(lambda x, t: drp_estimate(_ref, reward, SCHED, x, t, None, k, BETA))(x, t)
+  drp, r_phi = jax.jit(lambda x, t: drp_estimate(_ref, reward, SCHED, x, t, None, k, BETA))(x, t)
   expected = _k_step_jacobian(t, k)[:, None] * B / BETA
   chex.assert_trees_all_close(drp, expected, atol=1e-5, rtol=1e-4)
+  assert r_phi.shape == (x.shape[0],)
   a, s = SCHED.alpha_sigma(t)
   exact = gaussian_linear_drs(a, s, V0, B, BETA)
   if k == 1:
@@ -111,15 +115,35 @@ def test_didr_pseudo_loss_gradient(drs):
   def loss(p):
     return generator_loss(cfg, generate=lambda zz, c: affine_generator(p, zz), ta=ta, ref=_ref,
                           reward=lambda x0, c: x0 @ B, schedule=SCHED, z=z, cond=None, t=t, eps=eps,
-                          exact_drs=exact_drs)[0]
+                          exact_drs=exact_drs)
 
-  grads = jax.jit(jax.grad(loss))(AFFINE)
+  (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(AFFINE)
   x_t = a_t[:, None] * affine_generator(AFFINE, z) + s_t[:, None] * eps
   score = lambda dd: (a_t[:, None] * dd - x_t) / s_t[:, None] ** 2
   v = score(ta(x_t, t)[0]) - score(_ref(x_t, t)[0]) - exact_drs(x_t, t, None)
   coef = (s_t ** 2 / a_t ** 2 * a_t)[:, None] * v            # w(t) a_t (...)
   chex.assert_trees_all_close(grads["c"], coef.mean(0), atol=1e-5, rtol=1e-4)
   chex.assert_trees_all_close(grads["A"], jnp.einsum("bi,bj->ij", coef, z) / n, atol=1e-5, rtol=1e-4)
+  # the monitored ratio per t-bin: |(s^2/a) DRS| against |D_ta - D_ref| (METHOD.md 3.4)
+  shift = jnp.linalg.norm((s_t ** 2 / a_t)[:, None] * exact_drs(x_t, t, None), axis=-1)
+  kl = jnp.linalg.norm(ta(x_t, t)[0] - _ref(x_t, t)[0], axis=-1)
+  host = reduce_chunk_metrics({k: v[None] for k, v in metrics.items()})
+  for lo, name in ((0.0, "t0.00-0.25"), (0.25, "t0.25-0.50"), (0.5, "t0.50-0.75"), (0.75, "t0.75-1.00")):
+    m = (t >= lo) & (t < lo + 0.25)
+    np.testing.assert_allclose(host[f"drs_to_kl/{name}"], float(jnp.sum(shift * m) / jnp.sum(kl * m)),
+                               rtol=1e-4)
+  np.testing.assert_allclose(host["reward_std"], float(jnp.std(affine_generator(AFFINE, z) @ B)), rtol=1e-4)
+
+
+def test_ratio_metrics_sum_over_the_chunk_and_drop_empty_bins():
+  sched = Schedule(kind="discrete_vp", betas="scaled_linear")
+  t = jnp.array([0.0, 100.0, 600.0, 999.0])
+  step = tbin_ratios("r", sched, t, jnp.array([1.0, 2.0, 3.0, 4.0]), jnp.array([1.0, 1.0, 1.0, 2.0]))
+  assert sorted(step) == ["ratio:r/t000-250", "ratio:r/t250-500", "ratio:r/t500-750", "ratio:r/t750-1000"]
+  chunk = {k: jnp.stack([v, 2.0 * v]) for k, v in step.items()}      # two steps of a chunk
+  chunk["loss"] = jnp.array([1.0, 3.0])
+  assert reduce_chunk_metrics(chunk) == {"r/t000-250": 1.5, "r/t500-750": 3.0, "r/t750-1000": 2.0,
+                                         "loss": 2.0}
 
 
 def test_affine_generator_converges_to_p_star():

@@ -118,16 +118,12 @@ def drp_denoise(ref_denoise, schedule, x_t, t, cond, k: int):
 
 
 def drp_estimate(ref_denoise, reward, schedule, x_t, t, cond, k: int, beta: float):
-  """DRP(x_t, t) = (1/beta) J_{Phi_K}(x_t)^T grad r(Phi_K(x_t)): the DRS estimate itself."""
-  f = lambda x: jnp.sum(reward(drp_denoise(ref_denoise, schedule, x, t, cond, k), cond))
-  return jax.grad(f)(x_t) / beta
+  """(DRP, r(Phi_K(x_t))): DRP(x_t, t) = (1/beta) J_{Phi_K}(x_t)^T grad r(Phi_K(x_t)), the DRS
+  estimate itself, per sample (rewards are per-sample functions, so one VJP of their sum suffices)."""
+  rewards, vjp = jax.vjp(lambda x: reward(drp_denoise(ref_denoise, schedule, x, t, cond, k), cond), x_t)
+  (grad,) = vjp(jnp.ones_like(rewards))
+  return grad / beta, rewards
 
 
-def drp_weight(schedule, t, per_sample_weight):
-  """lambda_r(t) = w'(t) s_t^2 / a_t^2: keeps DI's ratio between the KL and reward terms."""
-  a, s = schedule.alpha_sigma(t)
-  return per_sample_weight * s ** 2 / a ** 2
-
-
-__all__ = ["GaussianMixture", "drp_denoise", "drp_estimate", "drp_weight",
+__all__ = ["GaussianMixture", "drp_denoise", "drp_estimate",
            "gaussian_linear_drs", "mixture_drs", "broadcast_to"]

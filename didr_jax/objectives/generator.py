@@ -16,14 +16,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from didr_jax.diffusion import at_least_f32, broadcast_to
-from didr_jax.objectives.drs import drp_denoise, drp_weight
+from didr_jax.objectives.drs import drp_estimate
 
 METHODS = ("di", "dipp", "distar", "didr")
 WEIGHTINGS = ("plain", "dmd2")
 DRS_SOURCES = ("exact", "drp")
 CFG_PLACEMENTS = ("in", "out")
+N_TBINS = 4                      # t-bins of the DRS-to-KL gradient ratio metric
+RATIO_PREFIX = "ratio:"
 
 sg = jax.lax.stop_gradient
 
@@ -87,29 +90,56 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
   d_ref, _ = ref(sg(x_t), t, cond, True)
   w = kl_weight(cfg, x0, d_ref)
   g = broadcast_to(w, x0) * (d_ta - d_ref)
-  metrics = {"kl_grad_norm": jnp.mean(jnp.sqrt(_per_sample_sum(g ** 2)))}
-  loss = jnp.zeros((), jnp.float32)
+  kl_norm = jnp.sqrt(_per_sample_sum(g ** 2))
+  metrics = {"kl_grad_norm": jnp.mean(kl_norm)}
   if cfg.method == "didr":
     if cfg.drs == "exact":
       if exact_drs is None:
         raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
-      shift = broadcast_to(w, x0) * (sb ** 2 / ab) * exact_drs(sg(x_t), t, cond)
-      g = g - shift
-      metrics["drs_grad_norm"] = jnp.mean(jnp.sqrt(_per_sample_sum(shift ** 2)))
+      drs = exact_drs(sg(x_t), t, cond)
     else:
-      keep = jnp.ones_like(t) if cfg.drp_t_max < 0 else (t <= cfg.drp_t_max).astype(t.dtype)
-      lam = sg(drp_weight(schedule, t, w) * keep)
-      phi = drp_denoise(lambda x, tt, c: ref(x, tt, c, True), schedule, x_t, t, cond, cfg.drp_k)
-      r_phi = reward(phi, cond)
-      loss = loss - jnp.mean(lam * r_phi) / cfg.beta
+      drs, r_phi = drp_estimate(lambda x, tt, c: ref(x, tt, c, True), reward, schedule, sg(x_t), t,
+                                cond, cfg.drp_k, cfg.beta)
+      if cfg.drp_t_max >= 0:
+        drs = drs * broadcast_to((t <= cfg.drp_t_max).astype(drs.dtype), drs)
       metrics["drp_reward"] = jnp.mean(r_phi)
-  loss = loss + _batch_dot(g, x0)
+    # (s^2/a) DRS moves D_ref toward D*_t; with w' it keeps lambda_r = w' s^2/a^2 (METHOD.md 3.4).
+    shift = broadcast_to(w, x0) * (sb ** 2 / ab) * at_least_f32(drs)
+    g = g - shift
+    shift_norm = jnp.sqrt(_per_sample_sum(shift ** 2))
+    metrics["drs_grad_norm"] = jnp.mean(shift_norm)
+    metrics.update(tbin_ratios("drs_to_kl", schedule, t, shift_norm, kl_norm))
+  loss = _batch_dot(g, x0)
   if cfg.method == "dipp":
     r0 = reward(x0, cond)
     loss = loss - cfg.alpha_rew * jnp.mean(r0)
-  metrics["reward"] = jnp.mean(sg(reward(sg(x0), cond))) if cfg.method != "dipp" else jnp.mean(sg(r0))
-  metrics["gen_loss"] = loss
+  else:
+    r0 = reward(sg(x0), cond)
+  metrics.update(_reward_metrics(r0), gen_loss=loss)
   return loss, metrics
+
+
+def _reward_metrics(r0):
+  """Mean and std of the training batch's rewards r(x0)."""
+  r0 = sg(r0).astype(jnp.float32)
+  return {"reward": jnp.mean(r0), "reward_std": jnp.std(r0)}
+
+
+def tbin_ratios(name: str, schedule, t, num, den) -> dict:
+  """Per-t-bin (sum num, sum den) pairs under "ratio:<name>/t<lo>-<hi>" keys; the host reduction
+  (training.metrics.reduce_chunk_metrics) divides the sums over a chunk, so empty bins drop out."""
+  lo, hi = schedule.t_range
+  discrete = schedule.kind == "discrete_vp"
+  top = hi + 1.0 if discrete else hi
+  edges = np.linspace(lo, top, N_TBINS + 1)
+  idx = jnp.clip(jnp.floor((t - lo) / (top - lo) * N_TBINS), 0, N_TBINS - 1).astype(jnp.int32)
+  out = {}
+  for i in range(N_TBINS):
+    m = (idx == i).astype(jnp.float32)
+    label = (f"t{int(edges[i]):03d}-{int(edges[i + 1]):03d}" if discrete
+             else f"t{edges[i]:.2f}-{edges[i + 1]:.2f}")
+    out[f"{RATIO_PREFIX}{name}/{label}"] = jnp.stack([jnp.sum(m * sg(num)), jnp.sum(m * sg(den))])
+  return out
 
 
 def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
@@ -137,6 +167,5 @@ def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
     d_g, _ = ref(sg(x_t), t, cond, True)
     # guided - plain = w (D_c - D_u): the implicit CFG reward as a DI++-style IKL term.
     loss = loss - _batch_dot(d_g - d_c, x0)
-  metrics["reward"] = jnp.mean(sg(r0))
-  metrics["gen_loss"] = loss
+  metrics.update(_reward_metrics(r0), gen_loss=loss)
   return loss, metrics

@@ -208,7 +208,7 @@ def drp_bias(toy: Toy, ref_params, key) -> dict:
          "metric": "mean |DRP - DRS| / mean |DRS| per t-bin", "drs_shift_mean": shift.tolist(), "K": {}}
   for k in cfg.eval.drp_bias_ks:
     est = jax.jit(lambda x, tt: drp_estimate(ref, lambda y, c: problem.reward(y), toy.schedule,
-                                             x, tt, None, int(k), float(cfg.toy.beta)))(x_t, t)
+                                             x, tt, None, int(k), float(cfg.toy.beta))[0])(x_t, t)
     err = np.asarray(jnp.linalg.norm(est - exact, axis=-1)).reshape(bins, -1)
     mag = np.asarray(jnp.linalg.norm(exact, axis=-1)).reshape(bins, -1)
     out["K"][str(int(k))] = [float(e) for e in err.mean(1) / np.maximum(mag.mean(1), 1e-12)]

@@ -63,6 +63,20 @@ class Progress:
 
 
 def reduce_chunk_metrics(metrics: dict) -> dict:
-  """Host means over a chunk's stacked per-step metrics (one device->host copy per chunk)."""
+  """Host means over a chunk's stacked per-step metrics (one device->host copy per chunk).
+
+  "ratio:<name>" metrics are stacked (numerator, denominator) sums: they reduce to
+  sum(num) / sum(den) under "<name>", and are left out when the chunk saw no denominator.
+  """
+  from didr_jax.objectives.generator import RATIO_PREFIX
   from didr_jax.sharding import to_host
-  return {k: float(np.mean(to_host(v))) for k, v in metrics.items()}
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(to_host(v), np.float64)
+    if k.startswith(RATIO_PREFIX):
+      num, den = v.reshape(-1, 2).sum(0)
+      if den > 0:
+        out[k[len(RATIO_PREFIX):]] = float(num / den)
+    else:
+      out[k] = float(np.mean(v))
+  return out
