@@ -75,6 +75,7 @@ def base_config(backbone: str, variant: str):
   c.align.steps = 20_000
   c.align.batch = 64                      # global
   c.align.k_ta = 5
+  c.align.grad_accum = 1                  # microbatches per update (same gradient, less activation memory)
   c.align.ta_t_range = (0, 999)
   c.align.gen_t_range = (20, 980)
   c.align.ema_decay = 0.999

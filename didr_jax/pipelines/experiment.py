@@ -43,9 +43,10 @@ def prompts_of(cfg) -> list[str]:
 
 
 def identity(cfg, sampler) -> dict:
-  """What the checkpoint depends on; align.steps is left out so raising it continues a run."""
+  """What the checkpoint depends on (execution details such as the mesh are left out)."""
   d = cfg.to_dict()
-  d["align"] = {k: v for k, v in d["align"].items() if k != "steps"}
+  # align.steps may be raised to continue a run; grad_accum changes memory, not the gradient
+  d["align"] = {k: v for k, v in d["align"].items() if k not in ("steps", "grad_accum")}
   for k in ("train", "checkpoint", "eval", "mesh"):   # may change between runs (restore re-shards)
     d.pop(k)
   d["data_fingerprint"] = sampler.fingerprint
@@ -55,14 +56,17 @@ def identity(cfg, sampler) -> dict:
 def batch_arithmetic(cfg, mesh) -> str:
   b = cfg.align.batch
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  m = cfg.align.grad_accum
   return (f"batch: global {b}, per host {b // jax.process_count()} ({jax.process_count()} hosts), "
-          f"per device {b // data_ways} (data x fsdp = {data_ways}); mesh {dict(mesh.shape)}")
+          f"per device {b // data_ways} (data x fsdp = {data_ways}), {m} microbatch(es) of "
+          f"{b // data_ways // m} per device; mesh {dict(mesh.shape)}")
 
 
 def build_training(pipe: T2I, cfg):
   """(outer_step, gen_tx, ta_tx) for the config's method."""
   gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay)
+  step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay,
+                        grad_accum=cfg.align.grad_accum)
   outer, ta_update, gen_update = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx,
                                                  ta_tx, batch_sharding=pipe.batch_sh)
   return dict(outer=outer, ta_update=ta_update, gen_update=gen_update, gen_tx=gen_tx, ta_tx=ta_tx)

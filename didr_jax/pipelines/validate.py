@@ -119,6 +119,10 @@ def _check_batch(cfg):
     _fail("align.batch", f"{b} is not divisible by the mesh's data x fsdp = {ways} devices")
   if b % jax.process_count():
     _fail("align.batch", f"{b} is not divisible by {jax.process_count()} processes")
+  m = cfg.align.grad_accum
+  if m < 1 or b % (m * ways):
+    _fail("align.grad_accum", f"{m}: the batch {b} must split into {m} microbatches each divisible "
+                              f"by data x fsdp = {ways} devices")
   if cfg.mesh.rules not in RULES:
     _fail("mesh.rules", f"{cfg.mesh.rules!r} unknown; choose one of {sorted(RULES)}")
 

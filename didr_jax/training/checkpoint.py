@@ -6,6 +6,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from didr_jax.training.state import abstract_of
 
@@ -38,7 +39,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_every,
+            # every N steps, and at a preemption notice (JAX's distributed preemption sync point on
+            # managed TPU/GPU clusters; "no preemption" when that service is off)
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.PreemptionCheckpointingPolicy(), policies.FixedIntervalPolicy(save_every)]),
+            preservation_policy=policies.LatestN(max_to_keep),
             enable_async_checkpointing=async_save, create=True))
 
   def latest_step(self):
@@ -75,6 +80,10 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once the cluster announced a preemption (save, then stop)."""
+    return bool(self.manager.reached_preemption(step))
 
   def close(self):
     self.manager.wait_until_finished()

@@ -75,9 +75,14 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
       on_chunk(step, state, host)
     if checkpointer is not None:
       checkpointer.save(step, state, force=step >= num_steps)
+    reason = None
     if stop is not None and stop.requested:
+      reason = f"signal {stop.signum}"
+    elif checkpointer is not None and step < num_steps and checkpointer.reached_preemption(step):
+      reason = "a preemption notice"
+    if reason is not None:
       if checkpointer is not None:
         checkpointer.save(step, state, force=True)
         checkpointer.close()
-      raise Preempted(f"[{name}] stopped by signal {stop.signum} at step {step}; checkpoint saved")
+      raise Preempted(f"[{name}] stopped by {reason} at step {step}; checkpoint saved")
   return state

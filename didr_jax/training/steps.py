@@ -25,6 +25,12 @@ class StepConfig:
   batch_size: int
   k_ta: int
   ema_decay: float = 0.0           # 0: no EMA
+  grad_accum: int = 1              # microbatches per update (same gradient, 1/grad_accum activations)
+
+  def __post_init__(self):
+    if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+      raise ValueError(f"align.grad_accum={self.grad_accum} must be >= 1 and divide the batch "
+                       f"({self.batch_size})")
 
 
 def _guarded_update(tx, params, opt, grads, loss):
@@ -37,43 +43,76 @@ def _guarded_update(tx, params, opt, grads, loss):
   return pick(new_params, params), pick(new_opt, opt), gnorm, ok
 
 
+def microbatches(batch, n: int):
+  """Leaves [B, ...] -> [n, B/n, ...]. Microbatch j holds samples j, j+n, j+2n, ...: every device's
+  contiguous shard of the batch axis holds an equal part of each microbatch, so the split moves no
+  data between devices (the batch must divide by n x the data-parallel devices)."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(loss_fn, params, batch, n: int):
+  """((loss, metrics), grads) of ``loss_fn(params, batch)`` averaged over ``n`` equal microbatches
+  in a ``lax.scan`` (equal to the full batch for per-sample-mean losses); n = 1 is the plain call."""
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  if n == 1:
+    return value_and_grad(params, batch)
+
+  def body(acc, mb):
+    (loss, metrics), grads = value_and_grad(params, mb)
+    return jax.tree.map(jnp.add, acc, (loss, grads)), metrics
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), metrics = jax.lax.scan(body, zeros, microbatches(batch, n))
+  mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
+  return (loss / n, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), mean(grads)
+
+
 def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_tx, ta_tx,
                     batch_sharding=None):
   """One alignment step: k_ta TA updates then one generator update (plus EMA)."""
   shape = (step_cfg.batch_size,) + tuple(task.sample_shape)
+  n_micro = step_cfg.grad_accum
 
   def constrain(x):
     return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-  def gen_samples(gen_params, key, cond):
-    return task.generator_apply(gen_params, constrain(jax.random.normal(key, shape)), cond)
+  def draw(state, t_range):
+    """(new rng, batch of z, t, eps) for one update; microbatches are slices of this batch."""
+    rng, kz, kt, ke = jax.random.split(state.rng, 4)
+    batch = {"z": constrain(jax.random.normal(kz, shape)),
+             "t": task.sample_t(kt, step_cfg.batch_size, t_range),
+             "eps": constrain(jax.random.normal(ke, shape))}
+    return rng, batch
 
   def ta_update(state: TrainState, frozen, cond):
-    rng, kz, kt, ke = jax.random.split(state.rng, 4)
-    x0 = jax.lax.stop_gradient(gen_samples(state.gen_params, kz, cond))
-    t = task.sample_t(kt, step_cfg.batch_size, task.ta_t_range)
-    eps = constrain(jax.random.normal(ke, shape))
-    loss_fn = lambda p: dsm_loss(task.denoiser(p), x0, t, eps, task.schedule, cond)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.ta_params)
+    rng, batch = draw(state, task.ta_t_range)
+
+    def loss_fn(p, mb):
+      x0 = task.generator_apply(state.gen_params, constrain(mb["z"]), mb["cond"])
+      return dsm_loss(task.denoiser(p), x0, mb["t"], constrain(mb["eps"]), task.schedule, mb["cond"])
+
+    (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.ta_params,
+                                                        dict(batch, cond=cond), n_micro)
     params, opt, gnorm, ok = _guarded_update(ta_tx, state.ta_params, state.ta_opt, grads, loss)
     metrics = dict(metrics, ta_grad_norm=gnorm, ta_skipped=1.0 - ok.astype(jnp.float32))
     return state.replace(ta_params=params, ta_opt=opt, rng=rng), metrics
 
   def gen_update(state: TrainState, frozen, cond):
-    rng, kz, kt, ke = jax.random.split(state.rng, 4)
-    z = constrain(jax.random.normal(kz, shape))
-    t = task.sample_t(kt, step_cfg.batch_size, task.gen_t_range)
-    eps = constrain(jax.random.normal(ke, shape))
+    rng, batch = draw(state, task.gen_t_range)
     ref = task.denoiser(jax.lax.stop_gradient(frozen["ref"]), obj.cfg_w)
     ta = task.denoiser(jax.lax.stop_gradient(state.ta_params))
     reward = lambda x0, c: task.reward_apply(jax.lax.stop_gradient(frozen), x0, c)
 
-    def loss_fn(p):
+    def loss_fn(p, mb):
       return generator_loss(obj, generate=lambda zz, c: task.generator_apply(p, zz, c), ta=ta,
-                            ref=ref, reward=reward, schedule=task.schedule, z=z, cond=cond, t=t,
-                            eps=eps, exact_drs=task.exact_drs)
+                            ref=ref, reward=reward, schedule=task.schedule, z=constrain(mb["z"]),
+                            cond=mb["cond"], t=mb["t"], eps=constrain(mb["eps"]),
+                            exact_drs=task.exact_drs)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_params)
+    (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.gen_params,
+                                                        dict(batch, cond=cond), n_micro)
     params, opt, gnorm, ok = _guarded_update(gen_tx, state.gen_params, state.gen_opt, grads, loss)
     ema = state.gen_ema
     if ema is not None:
