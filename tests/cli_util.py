@@ -1,10 +1,13 @@
-"""Shared helper of the CLI tests: interrupt a run with SIGTERM once a log line appears."""
+"""Shared helpers of the CLI and multi-process tests: interrupt a run with a signal once a log
+line appears; a free local port for a coordinator."""
 import signal
+import socket
 import subprocess
 
 
-def run_until_then_sigterm(cmd, *, cwd, env, marker: str, timeout: float):
-  """Start ``cmd``, send SIGTERM at the first stderr line containing ``marker``, wait for the exit.
+def run_until_then_signal(cmd, *, cwd, env, marker: str, timeout: float, signum: int = signal.SIGTERM):
+  """Start ``cmd``, send ``signum`` (SIGTERM: a graceful stop; SIGKILL: a crash) at the first stderr
+  line containing ``marker``, wait for the exit.
 
   Returns (return code, all of stderr).
   """

@@ -8,8 +8,6 @@ from didr_jax.data import PromptSampler
 from didr_jax.pipelines import experiment, tiny
 from didr_jax.training.steps import compile_chunk, scan_chunk
 
-# XLA CPU compiles dominate the runtime of these tests; optimisations buy nothing at tiny shapes.
-FAST_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 _CHUNKS = {}
 
 

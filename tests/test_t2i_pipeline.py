@@ -1,11 +1,10 @@
-"""The text-to-image pipeline on random tiny SDXL-shaped models (8 CPU devices).
+"""The text-to-image pipeline in-process on random tiny SDXL-shaped models.
 
-One method end to end through the CLI (metrics, grid PNG, checkpoint, diffusers export that
-diffusers loads); the other methods' generator steps in-process; 8 devices == 1 device; resume ==
-straight; a NaN reward is skipped then stops the run naming it; no retracing; bad inputs fail
-before any compilation with named errors.
+FSDP places 1/8 of every UNet, moment and EMA per device; the compiled step is traced once; a NaN
+reward is skipped, then stops the run naming it; bad inputs fail before any compilation with named
+errors; SD1.5 wiring; the real-run loaders on on-disk folders. The 8-device CLI runs of every
+method, resume and 1 vs 8 devices: tests/test_t2i_cli*.py.
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,10 +16,8 @@ import pytest
 from didr_jax import sharding
 from didr_jax.pipelines import experiment, validate
 from didr_jax.pipelines.t2i import T2I
-from didr_jax.training.checkpoint import Checkpointer
 from didr_jax.training.loop import NonFiniteError, run_chunks
 from tests import t2i_fixtures as tf
-from tests.cli_util import run_until_then_sigterm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,71 +32,19 @@ def _fast_compiles():
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-  """SIGTERM the CLI after its first step, then rerun the same command (the persistent compilation
-  cache spares the rerun its compile)."""
-  tmp = tmp_path_factory.mktemp("t2i")
-  workdir = str(tmp / "run")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), **tf.FAST_ENV)
-  cmd = [sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={workdir}",
-         "--config.method=didr"]
-  returncode, first = run_until_then_sigterm(cmd, cwd=ROOT, env=env, marker="[didr] step 1/3",
-                                             timeout=900)
-  assert returncode == 0, first[-4000:]
-  assert "stopped by signal 15" in first, first[-4000:]
-  assert not os.path.isdir(os.path.join(workdir, "export")), "a preempted run exports nothing"
-  second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert second.returncode == 0, second.stderr[-4000:]
-  return workdir, first, second.stderr
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_rerun_resumes(cli_run):
-  workdir, first, second = cli_run
-  assert "per device 1 (data x fsdp = 8)" in first
-  assert "[didr] step 3/3" in second and "[didr] step 1/3" not in second
-
-
-@pytest.mark.slow
-def test_cli_outputs(cli_run):
-  workdir, _, _ = cli_run
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  train = [r for r in rows if "didr/gen_loss" in r]
-  assert [r["step"] for r in train] == [1, 2, 3]
-  for r in train:
-    for k in ("didr/gen_loss", "didr/ta_loss", "didr/reward", "didr/drp_reward", "didr/gen_grad_norm"):
-      assert np.isfinite(r[k]), (k, r)
-  assert any("eval/reward_mean" in r for r in rows)
-  assert os.path.isfile(os.path.join(workdir, "grid_000003.png"))
-  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
-
-
-@pytest.mark.slow
-def test_cli_export_loads_in_diffusers(cli_run):
-  workdir, _, _ = cli_run
-  from tests import clip_torch_env  # noqa: F401  (torchvision workaround before diffusers)
-  from diffusers import UNet2DConditionModel
-  from didr_jax.weights import read_safetensors
-  for name in ("unet", "unet_ema"):
-    folder = os.path.join(workdir, "export", name)
-    model = UNet2DConditionModel.from_pretrained(folder)
-    assert model.config.addition_embed_type == "text_time"
-    ours = read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    sd = model.state_dict()
-    assert set(sd) == set(ours)
-    np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
-
-
-@pytest.fixture(scope="module")
 def pipe8():
   return T2I(tf.tiny_config("dipp"))
 
 
 @pytest.fixture(scope="module")
-def dipp_chunk(pipe8):
-  """The dipp generator update compiled once on 8 devices, shared by several tests."""
-  return tf.gen_chunk(pipe8, tf.tiny_config("dipp"))
+def pipe1():
+  return T2I(tf.tiny_config("dipp"), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def dipp_chunk(pipe1):
+  """The dipp generator update compiled once on 1 device (the 8-device runs are the CLI tests')."""
+  return tf.gen_chunk(pipe1, tf.tiny_config("dipp"))
 
 
 def test_fsdp_shards_params_and_moments(pipe8):
@@ -114,73 +59,48 @@ def test_fsdp_shards_params_and_moments(pipe8):
     assert local / whole < 1.2 / 8, (name, local / whole)
 
 
-@pytest.mark.parametrize("method", ["di", "distar"])
-def test_other_methods_generator_step(pipe8, method):
-  cfg = tf.tiny_config(method)
-  chunk, _ = tf.gen_chunk(pipe8, cfg)
-  state = tf.fresh_state(pipe8, cfg)
-  before = sharding.to_host(jax.tree.leaves(state.gen_params)[0])
-  state, metrics = chunk(state, pipe8.frozen(), tf.conds(pipe8, 0))
-  assert np.isfinite(sharding.to_host(metrics["gen_loss"])).all()
-  assert int(sharding.to_host(state.bad_steps)) == 0
-  assert not np.array_equal(sharding.to_host(jax.tree.leaves(state.gen_params)[0]), before)
-
-
-def test_sharded_equals_single_device_and_restores_across_meshes(pipe8, dipp_chunk, tmp_path):
-  cfg = tf.tiny_config("dipp")
-  state8, _ = dipp_chunk[0](tf.fresh_state(pipe8, cfg), pipe8.frozen(), tf.conds(pipe8, 0))
-  pipe1 = T2I(cfg, devices=jax.devices()[:1])
-  chunk1, _ = tf.gen_chunk(pipe1, cfg)
-  state1 = tf.fresh_state(pipe1, cfg)
-  state1, _ = chunk1(state1, pipe1.frozen(), tf.conds(pipe1, 0))
-  a = jax.tree.map(sharding.to_host, state8.gen_params)
-  b = jax.tree.map(sharding.to_host, state1.gen_params)
-  err = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert err < 1e-5, err
-  # the 8-device checkpoint restores onto the 1-device mesh, bit for bit
-  ck = Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=1, save_every=1,
-                    async_save=False)
-  ck.save(1, state8, force=True)
-  restored = ck.restore(tf.fresh_state(pipe1, cfg))
-  ck.close()
-  assert jax.tree.leaves(restored.gen_params)[0].sharding.mesh.size == 1
-  for x, y in zip(jax.tree.leaves(state8), jax.tree.leaves(restored)):
-    np.testing.assert_array_equal(sharding.to_host(x), sharding.to_host(y))
-
-
-def test_resume_equals_straight_and_no_retrace(pipe8, dipp_chunk, tmp_path):
-  cfg = tf.tiny_config("dipp")
+def test_no_retrace_across_steps(pipe1, dipp_chunk):
   chunk, traces = dipp_chunk
-  frozen = pipe8.frozen()
-  sampler = tf.sampler(cfg)
-  conds_for = lambda s: pipe8.conds(sampler, s, 1)
-  straight = tf.fresh_state(pipe8, cfg)
-  straight = run_chunks(name="s", state=straight, frozen=frozen, chunk=chunk, steps_per_chunk=1,
-                        num_steps=3, conds_for=conds_for, writer=None)
-  ident = experiment.identity(cfg, sampler)
-  ck = Checkpointer(str(tmp_path / "ck"), identity=ident, max_to_keep=2, save_every=1, async_save=False)
-  first = tf.fresh_state(pipe8, cfg)
-  run_chunks(name="a", state=first, frozen=frozen, chunk=chunk, steps_per_chunk=1, num_steps=2,
-             conds_for=conds_for, checkpointer=ck, writer=None)
-  ck.close()
-  ck = Checkpointer(str(tmp_path / "ck"), identity=ident, max_to_keep=2, save_every=1, async_save=False)
-  like = tf.fresh_state(pipe8, cfg)
-  resumed = ck.restore(like)
-  assert int(sharding.to_host(resumed.step)) == 2
-  resumed = run_chunks(name="b", state=resumed, frozen=frozen, chunk=chunk, steps_per_chunk=1,
-                       num_steps=3, conds_for=conds_for, writer=None)
-  ck.close()
-  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(sharding.to_host(x), sharding.to_host(y))
+  sampler = tf.sampler(pipe1.cfg)
+  state = run_chunks(name="r", state=tf.fresh_state(pipe1, pipe1.cfg), frozen=pipe1.frozen(),
+                     chunk=chunk, steps_per_chunk=1, num_steps=3,
+                     conds_for=lambda s: pipe1.conds(sampler, s, 1), writer=None)
+  assert int(sharding.to_host(state.step)) == 3
   assert traces[0] == 1, f"the step was traced {traces[0]} times"
 
 
-def test_nan_reward_skipped_then_stops(pipe8, dipp_chunk):
+def test_prompt_conds_depend_on_the_batch_only(pipe1):
+  """A batch's embeddings do not depend on what an encoder saw before (no history-dependent cache;
+  fixed text-encoder blocks), so a resumed run sees the conds of an uninterrupted one; the
+  precomputed table of the whole prompt set agrees."""
+  from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
+  enc = pipe1.encoder
+  fresh = lambda: PromptEncoder("sdxl", enc.towers, enc.reward_tokenizer, resolution=enc.resolution,
+                                dtype=enc.dtype, block=enc.block)
+  sampler = tf.sampler(pipe1.cfg)
+  batch = sampler.batch(2)
+  first = fresh().encode(batch)
+  seasoned = fresh()
+  for part in (batch[:3], batch[3:5] + ["a prompt never seen"], sampler.batch(0)):
+    seasoned.encode(part)
+  again = seasoned.encode(batch)
+  assert set(first) == {"context", "pooled", "time_ids", "reward_ids"}
+  for k in first:
+    np.testing.assert_array_equal(again[k], first[k], err_msg=k)
+  table = PromptTable(enc, sampler.prompts)
+  assert table.rows["context"].shape[0] == len(sampler.prompts) == 12
+  looked_up = table.lookup(sampler.indices(2))
+  for k in first:   # the same prompts encoded in other blocks: float round-off at most
+    np.testing.assert_allclose(looked_up[k], first[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(looked_up["reward_ids"], first["reward_ids"])
+
+
+def test_nan_reward_skipped_then_stops(pipe1, dipp_chunk):
   cfg = tf.tiny_config("dipp")
   chunk, _ = dipp_chunk
-  frozen = pipe8.frozen()
+  frozen = pipe1.frozen()
   frozen["reward"] = jax.tree.map(lambda x: x * np.float32("nan"), frozen["reward"])  # same shapes
-  state = tf.fresh_state(pipe8, cfg)
+  state = tf.fresh_state(pipe1, cfg)
   before = jax.tree.map(sharding.to_host, state.gen_params)
   held = experiment.LastMetrics(chunk)
   seen = []
@@ -194,7 +114,7 @@ def test_nan_reward_skipped_then_stops(pipe8, dipp_chunk):
 
   with pytest.raises(NonFiniteError, match="first non-finite quantity 'reward'"):
     run_chunks(name="nan", state=state, frozen=frozen, chunk=held, steps_per_chunk=1, num_steps=5,
-               conds_for=lambda s: tf.conds(pipe8, s), writer=None, on_chunk=on_chunk)
+               conds_for=lambda s: tf.conds(pipe1, s), writer=None, on_chunk=on_chunk)
   assert seen == [1, 2]
 
 
@@ -240,6 +160,11 @@ def test_batch_not_divisible_by_mesh(tmp_path):
   with pytest.raises(validate.ConfigError, match=r"config.align.batch: 12 is not divisible by the "
                      r"mesh's data x fsdp = 8 devices"):
     validate.validate(cfg)
+  cfg = tf.real_config(tmp_path, batch=16)
+  cfg.align.grad_accum = 4
+  with pytest.raises(validate.ConfigError, match=r"config.align.grad_accum: 4: the batch 16 must split "
+                     r"into 4 microbatches each divisible by data x fsdp = 8 devices"):
+    validate.validate(cfg)
 
 
 def test_cli_bad_input_one_line(tmp_path):
@@ -256,6 +181,7 @@ def test_sd15_tiny_generator_reward_and_uncond():
   """SD1.5 wiring: one text tower, no text_time inputs, unconditional input = encoding of ""."""
   from configs.sd15 import get_config
   cfg = get_config("tiny")
+  cfg.data.precompute_embeddings = True
   pipe = T2I(cfg)
   assert pipe.unet_graph is not None and cfg.model.label_t == 999
   cond, z = pipe.eval_inputs(cfg.eval.prompts, 0)
@@ -265,6 +191,12 @@ def test_sd15_tiny_generator_reward_and_uncond():
   assert np.isfinite(sharding.to_host(rewards)).all()
   empty = pipe.encoder.encode([""])["context"][0]
   np.testing.assert_array_equal(sharding.to_host(pipe.encoder.uncond(cond)["context"])[1], empty)
+  sampler = tf.sampler(cfg)   # precomputed: rows of the whole prompt set, looked up per step
+  conds = pipe.conds(sampler, 1, 2)
+  assert pipe._table[1].rows["context"].shape[0] == len(cfg.tiny.prompts)
+  for i, step in enumerate((1, 2)):
+    direct = pipe.encoder.encode(sampler.batch(step))["context"]
+    np.testing.assert_allclose(sharding.to_host(conds["context"])[i], direct, rtol=1e-5, atol=1e-6)
 
 
 def test_real_run_loaders_on_disk_folders(tmp_path):

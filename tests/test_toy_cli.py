@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.cli_util import run_until_then_sigterm
+from tests.cli_util import run_until_then_signal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
@@ -37,7 +37,7 @@ def _cmd(workdir, *extra):
 def finished_run(tmp_path_factory):
   """Start the run, SIGTERM it during the first alignment method, then rerun the same command."""
   workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  returncode, first = run_until_then_sigterm(_cmd(workdir), cwd=ROOT, env=ENV, marker="[di] step",
+  returncode, first = run_until_then_signal(_cmd(workdir), cwd=ROOT, env=ENV, marker="[di] step",
                                              timeout=300)
   assert returncode == 0, first[-3000:]
   assert "stopped by signal 15" in first, first[-3000:]

@@ -1,4 +1,4 @@
-"""Prompt conditioning: CLIP text encoders in JAX, SDXL add_time_ids, a host embedding cache.
+"""Prompt conditioning: CLIP text encoders in JAX, SDXL add_time_ids, precomputed prompt tables.
 
 SDXL (MODELS.md 2.2): context = concat(enc1 penultimate, enc2 penultimate) [B, 77, 768 + 1280],
 pooled = enc2 projected EOS feature, time_ids = (res, res, 0, 0, res, res); unconditional input =
@@ -7,7 +7,6 @@ LN); unconditional = the encoding of "". The reward's token ids ride along in th
 """
 from __future__ import annotations
 
-import collections
 import zlib
 from typing import Sequence
 
@@ -39,17 +38,19 @@ class HashTokenizer:
 
 
 class PromptEncoder:
-  """Prompts -> host cond rows (numpy) with an LRU cache of per-prompt embeddings.
+  """Prompts -> host cond rows (numpy), always in fixed blocks of ``block`` prompts.
 
-  ``towers``: [(tokenizer, graphdef, params)] (SDXL: CLIP-L then bigG; SD1.5: one tower);
-  ``reward_tokenizer``: the reward's tokenizer (None: the reward takes no prompts).
+  Every call pads to whole blocks, so the text towers compile once and a batch's embeddings are a
+  function of the batch alone, never of what was encoded before (a resumed run sees exactly the
+  conds of an uninterrupted one). ``towers``: [(tokenizer, graphdef, params)] (SDXL: CLIP-L then
+  bigG; SD1.5: one tower); ``reward_tokenizer``: the reward's tokenizer (None: no prompts).
   """
 
-  def __init__(self, backbone: str, towers, reward_tokenizer, *, resolution: int, dtype,
-               cache_size: int):
+  def __init__(self, backbone: str, towers, reward_tokenizer, *, resolution: int, dtype, block: int):
+    if block < 1:
+      raise ValueError(f"block={block}: expected >= 1 prompts per text-encoder call")
     self.backbone, self.towers, self.reward_tokenizer = backbone, towers, reward_tokenizer
-    self.resolution, self.dtype, self.cache_size = int(resolution), dtype, int(cache_size)
-    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self.resolution, self.dtype, self.block = int(resolution), dtype, int(block)
     graphs = [g for _, g, _ in towers]
     sdxl = backbone == "sdxl"
 
@@ -61,32 +62,21 @@ class PromptEncoder:
       return {"context": outs[0][0].astype(dtype)}
 
     self._embed = jax.jit(embed)
-    self.empty = None if sdxl else self._encode_new([""])["context"][0]
+    self.empty = None if sdxl else self.encode([""])["context"][0]
 
-  def _encode_new(self, prompts: list[str]) -> dict:
-    ids = [tok(prompts) for tok, _, _ in self.towers]
-    out = self._embed([p for _, _, p in self.towers], ids)
-    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+  def _embed_blocks(self, prompts: list[str]) -> dict:
+    padded = prompts + [""] * (-len(prompts) % self.block)
+    parts = []
+    for i in range(0, len(padded), self.block):
+      chunk = padded[i:i + self.block]
+      out = self._embed([p for _, _, p in self.towers], [tok(chunk) for tok, _, _ in self.towers])
+      parts.append({k: np.asarray(jax.device_get(v)) for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts])[:len(prompts)] for k in parts[0]}
 
   def encode(self, prompts: Sequence[str]) -> dict:
     """Host arrays [len(prompts), ...]: context (+ pooled, time_ids), reward_ids."""
     prompts = list(prompts)
-    new = sorted({p for p in prompts if p not in self._cache})
-    rows = {}
-    if new:
-      enc = self._encode_new(new)
-      for i, p in enumerate(new):
-        rows[p] = {k: v[i] for k, v in enc.items()}
-    for p in prompts:
-      if p in self._cache:
-        self._cache.move_to_end(p)
-        rows[p] = self._cache[p]
-    if self.cache_size > 0:
-      for p in new:
-        self._cache[p] = rows[p]
-      while len(self._cache) > self.cache_size:
-        self._cache.popitem(last=False)
-    out = {k: np.stack([rows[p][k] for p in prompts]) for k in rows[prompts[0]]}
+    out = self._embed_blocks(prompts)
     if self.backbone == "sdxl":
       r = float(self.resolution)
       out["time_ids"] = np.tile(np.asarray([[r, r, 0.0, 0.0, r, r]], np.float32), (len(prompts), 1))
@@ -106,6 +96,12 @@ class PromptEncoder:
     return out
 
 
-def place(host: dict, sharding_for) -> dict:
-  """Process-local host rows -> global arrays (``sharding_for(ndim)`` gives each leaf's sharding)."""
-  return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v) for k, v in host.items()}
+class PromptTable:
+  """Host cond rows of a whole prompt set, encoded once (``data.precompute_embeddings``)."""
+
+  def __init__(self, encoder: PromptEncoder, prompts: Sequence[str]):
+    self.rows = encoder.encode(prompts)
+    self.nbytes = sum(v.nbytes for v in self.rows.values())
+
+  def lookup(self, indices: np.ndarray) -> dict:
+    return {k: v[indices] for k, v in self.rows.items()}

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from didr_jax import sharding
+from didr_jax import log, sharding
 from didr_jax.diffusion import Schedule
-from didr_jax.pipelines.conditioning import PromptEncoder
+from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -97,7 +97,8 @@ class T2I:
     self.vae_config, self.reward = parts["vae_config"], parts["reward"]
     self.encoder = PromptEncoder(cfg.backbone, parts["towers"], self.reward.tokenizer,
                                  resolution=cfg.data.resolution, dtype=DTYPES[m.dtype],
-                                 cache_size=cfg.data.cache_embeddings)
+                                 block=cfg.align.batch // jax.process_count())
+    self._table = None  # (prompt-set fingerprint, host rows of every prompt) when precomputed
     self.latent = cfg.data.resolution // vae_factor(self.vae_config)
     self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")
     self.batch_sh = sharding.batch_sharding(self.mesh, 4)
@@ -143,10 +144,22 @@ class T2I:
     spec[1 if leading else 0] = ("data", "fsdp")
     return NamedSharding(self.mesh, P(*spec))
 
+  def prompt_rows(self, sampler, position: int) -> dict:
+    """This process's host cond rows at global step ``position``: looked up in the table of the
+    whole prompt set (``data.precompute_embeddings``, encoded once) or encoded now."""
+    if not self.cfg.data.precompute_embeddings:
+      return self.encoder.encode(sampler.batch(position))
+    if self._table is None or self._table[0] != sampler.fingerprint:
+      table = PromptTable(self.encoder, sampler.prompts)
+      log.info("precomputed the embeddings of %d prompts: %.1f MiB on the host",
+               len(sampler.prompts), table.nbytes / 2 ** 20)
+      self._table = (sampler.fingerprint, table)
+    return self._table[1].lookup(sampler.indices(position))
+
   def conds(self, sampler, step: int, n: int) -> dict:
     """Conds of global steps [step, step + n) stacked [n, B, ...] (the data position is the step)."""
     import numpy as np
-    rows = [self.encoder.encode(sampler.batch(step + i)) for i in range(n)]
+    rows = [self.prompt_rows(sampler, step + i) for i in range(n)]
     host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     return {k: jax.make_array_from_process_local_data(self.cond_sharding(v.ndim, True), v)
             for k, v in host.items()}

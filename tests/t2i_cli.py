@@ -1,0 +1,75 @@
+"""Helpers of the t2i CLI tests: run ``python -m didr_jax.main --config=configs/sdxl.py:tiny`` in a
+subprocess on N simulated CPU devices, and read back what a run wrote."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.cli_util import run_until_then_signal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 900
+
+
+def env(cache_dir: str, devices: int = 8) -> dict:
+  """Subprocess environment: N CPU devices, a persistent compilation cache shared by the runs of
+  one test module (reruns of the same program skip XLA), unoptimised XLA (tiny shapes)."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+
+def command(workdir: str, method: str, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={workdir}",
+          f"--config.method={method}", *extra]
+
+
+def run(cmd, environ) -> str:
+  """Run to completion; returns stderr (the log)."""
+  proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stderr
+
+
+def run_then_signal(cmd, environ, marker: str, signum: int) -> tuple[int, str]:
+  """Send ``signum`` at the first log line containing ``marker``; (return code, log)."""
+  return run_until_then_signal(cmd, cwd=ROOT, env=environ, marker=marker, timeout=TIMEOUT,
+                               signum=signum)
+
+
+def metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_rows(workdir: str, method: str) -> dict[int, dict]:
+  """{step: row} of the training metrics (later rows of a resumed step win)."""
+  return {r["step"]: r for r in metrics(workdir) if f"{method}/gen_loss" in r}
+
+
+def exported(workdir: str, name: str = "unet") -> dict[str, np.ndarray]:
+  from didr_jax.weights import read_safetensors
+  return read_safetensors(os.path.join(workdir, "export", name, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_complete_run(workdir: str, method: str, keys=()):
+  """3 logged steps with finite losses (and ``keys``), a held-out eval, the step-3 grid PNG and
+  checkpoint, and generator + EMA exports that diffusers loads with the same tensors."""
+  rows = train_rows(workdir, method)
+  assert sorted(rows) == [1, 2, 3], sorted(rows)
+  for r in rows.values():
+    for k in (f"{method}/gen_loss", f"{method}/ta_loss", f"{method}/gen_grad_norm", *keys):
+      assert k in r and np.isfinite(r[k]), (k, r)
+  assert any("eval/reward_mean" in r for r in metrics(workdir))
+  assert os.path.isfile(os.path.join(workdir, "grid_000003.png"))
+  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+  from tests import clip_torch_env  # noqa: F401  (torchvision workaround before diffusers)
+  from diffusers import UNet2DConditionModel
+  for name in ("unet", "unet_ema"):
+    model = UNet2DConditionModel.from_pretrained(os.path.join(workdir, "export", name))
+    assert model.config.addition_embed_type == "text_time"
+    ours = exported(workdir, name)
+    sd = model.state_dict()
+    assert set(sd) == set(ours)
+    np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
