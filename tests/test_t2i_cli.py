@@ -3,14 +3,17 @@
 One run is stopped by SIGTERM after step 1 (it saves and exits 0), rerun and SIGKILLed during
 step 2 (a crash: no half-written checkpoint may be picked up), rerun to the end; it must equal an
 uninterrupted run bit for bit (optimizer state, RNG and data position included). The reruns share
-the first run's persistent compilation cache.
+the first run's persistent compilation cache. The generator of any saved step exports on demand.
 """
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from didr_jax.weights import read_safetensors
 from tests import t2i_cli
 
 pytestmark = pytest.mark.slow
@@ -66,3 +69,30 @@ def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(runs):
   ra, rb = t2i_cli.train_rows(resumed, "didr")[3], t2i_cli.train_rows(straight, "didr")[3]
   assert {k: v for k, v in ra.items() if k != "time"} == {k: v for k, v in rb.items() if k != "time"}
 
+
+def test_export_on_demand_from_a_checkpoint(runs, tmp_path):
+  """``python -m didr_jax.export --workdir`` rebuilds only the generator from a saved step: step 3
+  equals the run's final export bit for bit; a missing step or workdir is a named error."""
+  from didr_jax.errors import ConfigError
+  from didr_jax.pipelines.export_checkpoint import export_checkpoint
+  from didr_jax.training.checkpoint import CheckpointNotFoundError
+  _, straight, _ = runs
+  out = str(tmp_path / "on_demand")
+  proc = subprocess.run([sys.executable, "-m", "didr_jax.export", f"--workdir={straight}", "--step=3",
+                         f"--output={out}"], cwd=t2i_cli.ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("unet", "unet_ema"):
+    a = read_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"))
+    b = t2i_cli.exported(straight, name)
+    assert set(a) == set(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
+  folders = export_checkpoint(straight, step=2)          # default output: <workdir>/export_step2
+  assert folders == [os.path.join(straight, "export_step2", n) for n in ("unet", "unet_ema")]
+  step2 = read_safetensors(os.path.join(folders[0], "diffusion_pytorch_model.safetensors"))
+  assert not np.array_equal(step2["conv_in.weight"], t2i_cli.exported(straight)["conv_in.weight"])
+  with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint of step 7; it has \[1, 2, 3\]"):
+    export_checkpoint(straight, step=7)
+  with pytest.raises(ConfigError, match=r"config.json: .*nowhere/config.json not found"):
+    export_checkpoint(str(tmp_path / "nowhere"))

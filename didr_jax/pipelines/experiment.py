@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from didr_jax import log, sharding
 from didr_jax.data import PromptSampler, load_prompts
@@ -116,17 +118,30 @@ def write_grid(path: str, images: np.ndarray, cols: int = 4):
   return grid
 
 
+def export_unets(unet_graph, trees: dict, folder: str, dtype=np.float32) -> list[str]:
+  """{name: UNet params} -> diffusers folders ``folder/<name>``. Every process gathers the params;
+  process 0 writes each folder under ``<name>.partial`` and renames it when complete, so a crash
+  never leaves a half-written export in place."""
+  out = []
+  for name, params in trees.items():
+    model = nnx.merge(unet_graph, jax.tree.map(sharding.to_host, params))
+    if jax.process_index() == 0:
+      final = os.path.join(folder, name)
+      partial = final + ".partial"
+      shutil.rmtree(partial, ignore_errors=True)
+      to_diffusers(model, partial, dtype=dtype)
+      shutil.rmtree(final, ignore_errors=True)
+      os.replace(partial, final)
+      out.append(final)
+  return out
+
+
 def export(pipe: T2I, state, workdir: str, with_ema: bool) -> list[str]:
   """Generator (and EMA) UNets as diffusers folders under workdir/export/."""
-  out = []
-  trees = [("unet", state.gen_params)] + ([("unet_ema", state.gen_ema)] if with_ema and state.gen_ema is not None else [])
-  for name, params in trees:
-    model = pipe.unet_model(params)
-    if jax.process_index() == 0:
-      folder = os.path.join(workdir, "export", name)
-      to_diffusers(model, folder)
-      out.append(folder)
-  return out
+  trees = {"unet": state.gen_params}
+  if with_ema and state.gen_ema is not None:
+    trees["unet_ema"] = state.gen_ema
+  return export_unets(pipe.unet_graph, trees, os.path.join(workdir, "export"))
 
 
 def run(cfg, workdir: str) -> dict:

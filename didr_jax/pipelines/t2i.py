@@ -180,8 +180,3 @@ class T2I:
       img = self.decode(frozen["vae"], x0)
       return img, self.reward.apply(frozen["reward"], img, cond.get("reward_ids"))
     return jax.jit(run)
-
-  def unet_model(self, params):
-    """An NNX UNet holding ``params`` gathered to host (for the diffusers export)."""
-    host = jax.tree.map(sharding.to_host, params)
-    return nnx.merge(self.unet_graph, host)

@@ -15,6 +15,10 @@ class ConfigMismatchError(ValueError):
   """The workdir holds a checkpoint written by a different config."""
 
 
+class CheckpointNotFoundError(ValueError):
+  """No checkpoint (or not the requested step) in a checkpoint folder."""
+
+
 def _diff(saved: dict, current: dict, prefix="") -> list[str]:
   out = []
   for key in sorted(set(saved) | set(current)):
@@ -90,5 +94,23 @@ class Checkpointer:
     self.manager.close()
 
 
-def is_main_process() -> bool:
-  return jax.process_index() == 0
+def restore_fields(directory: str, like: dict, step: int | None = None) -> tuple[int, dict]:
+  """(step, {field: tree}): only the TrainState fields in ``like`` ({field: abstract tree with
+  shardings}) of checkpoint ``step`` (default: the latest), e.g. the generator for an export
+  without materialising the TA or the optimizer states."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise CheckpointNotFoundError(f"{directory}: no checkpoint folder")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointNotFoundError(f"{directory}: holds no complete checkpoint")
+  step = max(steps) if step is None else int(step)
+  if step not in steps:
+    raise CheckpointNotFoundError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
+  restore = ocp.args.PyTreeRestore(item=like, restore_args=ocp.checkpoint_utils.construct_restore_args(like),
+                                   partial_restore=True)
+  out = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+  manager.close()
+  return step, dict(out)
+
