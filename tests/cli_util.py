@@ -18,10 +18,16 @@ def run_until_then_signal(cmd, *, cwd, env, marker: str, timeout: float, signum:
     for line in proc.stderr:
       lines.append(line)
       if marker in line:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         break
     lines.append(proc.communicate(timeout=timeout)[1])
   finally:
     if proc.poll() is None:
       proc.kill()
   return proc.returncode, "".join(lines)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

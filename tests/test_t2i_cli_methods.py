@@ -3,15 +3,21 @@ mesh (DIDR: tests/test_t2i_cli.py), and the sharded run against a 1-device run.
 
 The 1-device run starts from the 8-device DI++ run's step-2 checkpoint, so one comparison proves
 both that the checkpoint restores onto a different mesh shape and that a step on 1 device equals
-the same step on 8 (FSDP) devices within float32 reduction-order tolerance.
+the same step on 8 (FSDP) devices within float32 reduction-order tolerance. The DI run is repeated
+as 2 hosts x 4 devices through the SLURM launch script.
 """
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 
+from configs.sdxl import get_config
 from tests import t2i_cli
+from tests.cli_util import free_port
+
+FAKE_SLURM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_slurm")
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +70,31 @@ def test_one_device_step_from_8_device_checkpoint_equals_8_device_step(method_ru
   for k in ("dipp/gen_loss", "dipp/ta_loss", "dipp/reward"):
     np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
+
+@pytest.mark.multiprocess
+@pytest.mark.multiprocess
+def test_slurm_launch_two_hosts_equals_one_host(method_runs, cache, tmp_path):
+  """launch/gpu_slurm.sbatch under a stand-in srun (2 tasks x 4 CPU devices, SLURM's environment):
+  --multihost auto-detects the job, each host feeds its half of the batch, orbax saves
+  collectively, the export gathers across hosts; the result equals the 1-host 8-device run up to
+  float32 reduction order."""
+  single, _ = method_runs("di")
+  multi = str(tmp_path / "multi")
+  environ = dict(t2i_cli.env(cache, devices=4), PATH=f"{FAKE_SLURM}:{os.environ['PATH']}",
+                 FAKE_SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(free_port()),
+                 SLURM_SUBMIT_DIR=t2i_cli.ROOT, PYTHON=sys.executable)
+  cmd = ["bash", os.path.join(t2i_cli.ROOT, "launch", "gpu_slurm.sbatch"), *t2i_cli.command(multi, "di")[3:]]
+  log = t2i_cli.run(cmd, environ)
+  assert "per host 4 (2 hosts), per device 1 (data x fsdp = 8)" in log
+  lr = get_config("tiny").align.gen_optimizer.lr
+  for name in ("unet", "unet_ema"):
+    a, b = t2i_cli.exported(multi, name), t2i_cli.exported(single, name)
+    diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+    # Adam normalises a near-zero gradient to a full step, so reduction-order noise may move an
+    # element by up to one step (lr) per update; all others agree to float32 round-off
+    assert np.mean(diff > 1e-6) < 1e-4 and diff.max() < 3 * lr, (name, np.mean(diff > 1e-6), diff.max())
+  ra, rb = t2i_cli.train_rows(multi, "di"), t2i_cli.train_rows(single, "di")
+  assert sorted(ra) == [1, 2, 3]
+  for step in ra:
+    for k in ("di/gen_loss", "di/ta_loss", "di/reward", "di/reward_std"):
+      np.testing.assert_allclose(ra[step][k], rb[step][k], rtol=1e-5, atol=1e-6, err_msg=(step, k))

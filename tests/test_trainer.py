@@ -1,6 +1,5 @@
 """The functional trainer: sharded == 1 device, 2 processes == 1 process, exact resume, NaN guard."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.cli_util import free_port
 from tests.toy_tiny import dump_state, run_alignment, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,15 +46,9 @@ def test_sharded_step_equals_single_device(method, eight_device_didr):
   assert np.max(np.abs(single[k] - init[k])) > 1e-4
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_process(tmp_path, eight_device_didr):
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "mp.npz"), "--method=didr_drp",
                              "--steps=4", "--devices=4", f"--rank={r}", "--nproc=2", f"--port={port}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
