@@ -1,4 +1,4 @@
-"""SD1.5 one-step generator alignment (DI / DI++ / DI* / DIDR), see docs/t2i.md.
+"""SD1.5 one-step generator alignment (DI / DI++ / DI* / DIDR), see README.md "Text-to-image alignment".
 
   python -m didr_jax.main --config=configs/sd15.py:tiny --workdir=runs/tiny15
   python -m didr_jax.main --config=configs/sd15.py --config.model.reference=/models/sd15 \

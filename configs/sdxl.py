@@ -1,4 +1,4 @@
-"""SDXL one-step generator alignment (DI / DI++ / DI* / DIDR), see docs/t2i.md.
+"""SDXL one-step generator alignment (DI / DI++ / DI* / DIDR), see README.md "Text-to-image alignment".
 
   python -m didr_jax.main --config=configs/sdxl.py:tiny --workdir=runs/tiny      # random tiny models, CPU
   python -m didr_jax.main --config=configs/sdxl.py --workdir=runs/sdxl \

@@ -4,7 +4,7 @@ PIL / uint8 evaluation path on real photographs (scikit-image's sample images).
 Stated tolerances (inputs in [0, 1]): resize vs torch ``interpolate(mode="bicubic",
 antialias=True)`` <= 1e-5 absolute (measured ~5e-7), its gradient <= 1e-5 relative; our resize vs
 PIL BICUBIC on float ("F") images <= 5e-5. Against the official uint8 PIL path the differences are
-bounded as documented in docs/rewards.md.
+bounded as documented in README.md ("Differentiable preprocessing vs the official evaluation path").
 """
 import numpy as np
 import pytest

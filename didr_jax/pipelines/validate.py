@@ -78,7 +78,7 @@ def _check_paths(cfg):
   r = cfg.reward
   if not r.path or not os.path.exists(r.path):
     _fail("reward.path", f"{r.path or '<unset>'}: not found; expected the weights of reward "
-                         f"{r.name!r} (see docs/rewards.md)")
+                         f"{r.name!r} (README.md, section 'Rewards')")
   for k in ("clip", "tokenizer"):
     v = getattr(r, k)
     if v and not os.path.exists(v):

@@ -1,7 +1,7 @@
 """Differentiable rewards behind one interface: ``load(name, path, **kw)(images, prompts) -> [B]``.
 
 Images are NHWC in [-1, 1]; prompts are strings or int token ids [B, T]. Each reward is usable
-inside ``jax.grad``. Names and published scales are documented in docs/rewards.md.
+inside ``jax.grad``. Names and published scales are documented in README.md ("Rewards").
 """
 from __future__ import annotations
 

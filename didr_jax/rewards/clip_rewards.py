@@ -24,7 +24,7 @@ from didr_jax.rewards.preprocess import check_images, clip_preprocess
 from didr_jax.text import load_clip_tokenizer
 from didr_jax.weights import Rule, read_safetensors
 
-# Published scales (docs/rewards.md): what ``__call__`` returns for each score kind.
+# Published scales (README.md "Rewards"): what ``__call__`` returns for each score kind.
 SCORES = {
     "cosine": "cos(image, text)  (HPSv2/HPSv2.1; papers report 100 x cos)",
     "logit": "exp(logit_scale) x cos  (PickScore, ~100 x cos)",
