@@ -81,7 +81,7 @@ def main():
       obj = experiment.objective_config(cfg, method)
       gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
       step_cfg = StepConfig(batch_size=b, k_ta=cfg.align.k_ta)
-      outer, ta_update, gen_update = make_outer_step(toy.task, obj, step_cfg, gtx, ttx)
+      outer, _, ta_update, gen_update = make_outer_step(toy.task, obj, step_cfg, gtx, ttx)
       state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
                                   ema=False, seed=0, mesh=toy.mesh)
       frozen = {"ref": toy.ref_init}

@@ -1,6 +1,6 @@
 """launch/tpu_pod.sh: every worker gets the same command and its shell parses it back into exactly
 the flags given (quotes, spaces and tuples intact). The SLURM script runs for real in
-tests/test_t2i_cli_methods.py (2 hosts under a stand-in srun)."""
+tests/test_t2i_cli_multihost.py (2 hosts under a stand-in srun)."""
 import os
 import stat
 import subprocess

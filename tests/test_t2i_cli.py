@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-from didr_jax.weights import read_safetensors
 from tests import t2i_cli
 
 pytestmark = pytest.mark.slow
@@ -83,14 +82,14 @@ def test_export_on_demand_from_a_checkpoint(runs, tmp_path):
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("unet", "unet_ema"):
-    a = read_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"))
+    a = t2i_cli.read_unet(os.path.join(out, name))
     b = t2i_cli.exported(straight, name)
     assert set(a) == set(b)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
   folders = export_checkpoint(straight, step=2)          # default output: <workdir>/export_step2
   assert folders == [os.path.join(straight, "export_step2", n) for n in ("unet", "unet_ema")]
-  step2 = read_safetensors(os.path.join(folders[0], "diffusion_pytorch_model.safetensors"))
+  step2 = t2i_cli.read_unet(folders[0])
   assert not np.array_equal(step2["conv_in.weight"], t2i_cli.exported(straight)["conv_in.weight"])
   with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint of step 7; it has \[1, 2, 3\]"):
     export_checkpoint(straight, step=7)

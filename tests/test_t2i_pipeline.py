@@ -167,6 +167,18 @@ def test_batch_not_divisible_by_mesh(tmp_path):
     validate.validate(cfg)
 
 
+def test_ta_warmup_must_fit_the_run_and_the_chunks(tmp_path):
+  cfg = tf.real_config(tmp_path)
+  cfg.align.ta_warmup_steps = cfg.align.steps
+  with pytest.raises(validate.ConfigError, match=r"config.align.ta_warmup_steps: 20000: expected 0 <= "
+                     r"warm-up < align.steps = 20000"):
+    validate.validate(cfg)
+  cfg.align.ta_warmup_steps = 305
+  with pytest.raises(validate.ConfigError, match=r"config.align.ta_warmup_steps: 305: must be a multiple "
+                     r"of train.steps_per_chunk = 10"):
+    validate.validate(cfg)
+
+
 def test_cli_bad_input_one_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py",

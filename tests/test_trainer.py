@@ -97,7 +97,7 @@ def test_nan_update_is_skipped_and_counted():
   bad_task = dataclasses.replace(toy.task, reward_apply=lambda frozen, x0, c: jnp.full(x0.shape[:1], jnp.nan))
   obj = experiment.objective_config(cfg, "dipp")
   gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  outer, _, gen_update = make_outer_step(bad_task, obj, StepConfig(64, 1), gtx, ttx)
+  gen_update = make_outer_step(bad_task, obj, StepConfig(64, 1), gtx, ttx).gen_update
   state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
                               ema=False, seed=0, mesh=toy.mesh)
   before = dump_state(state)
@@ -109,6 +109,36 @@ def test_nan_update_is_skipped_and_counted():
       np.testing.assert_array_equal(before[k], after[k], err_msg=k)
   new2, _ = jax.jit(gen_update)(new, {"ref": toy.ref_init}, None)
   assert int(new2.bad_steps) == 2
+
+
+def test_ta_warmup_step_is_k_ta_updates_with_the_generator_frozen():
+  """A TA warm-up step == k_ta TA updates in a row (bitwise), leaves the generator, its optimizer
+  and EMA untouched, and advances the data position."""
+  from didr_jax.toy import experiment
+  from didr_jax.training import state as st
+  from didr_jax.training.steps import StepConfig, make_outer_step
+  cfg = tiny_config("didr_drp", 1)
+  toy = experiment.Toy(cfg)
+  obj = experiment.objective_config(cfg, "didr_drp")
+  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  steps = make_outer_step(toy.task, obj, StepConfig(64, 2, ema_decay=0.9), gtx, ttx)
+  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
+                              ema=True, seed=0, mesh=toy.mesh)
+  frozen = {"ref": toy.ref_init}
+  before = dump_state(state)
+  warm, metrics = jax.jit(steps.ta_warmup)(state, frozen, None)
+  assert "ta_loss" in metrics and "gen_loss" not in metrics and int(warm.step) == 1
+  ta_update = jax.jit(steps.ta_update)
+  twice = ta_update(ta_update(state, frozen, None)[0], frozen, None)[0]
+  after, expected = dump_state(warm), dump_state(twice)
+  field = lambda k: k.lstrip(".")
+  for k in before:
+    if field(k).startswith(("gen_", "bad_steps")):
+      np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    elif field(k).startswith(("ta_", "rng")):
+      np.testing.assert_array_equal(after[k], expected[k], err_msg=k)
+  assert sum(field(k).startswith("gen_ema") for k in before) > 0
+  assert any(not np.array_equal(after[k], before[k]) for k in before if field(k).startswith("ta_params"))
 
 
 def test_tree_mode_equals_graph_mode(tmp_path, eight_device_didr):
@@ -133,8 +163,8 @@ def test_gradient_accumulation_equals_full_batch(method):
   tx = optax.sgd(0.1)
   out = {}
   for n in (1, 4):
-    outer, _, _ = make_outer_step(toy.task, obj, StepConfig(64, 1, grad_accum=n), tx, tx,
-                                  batch_sharding=toy.batch_sh)
+    outer = make_outer_step(toy.task, obj, StepConfig(64, 1, grad_accum=n), tx, tx,
+                            batch_sharding=toy.batch_sh).outer
     state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=tx, ta_tx=tx,
                                 ema=False, seed=0, mesh=toy.mesh)
     new, metrics = jax.jit(outer)(state, {"ref": toy.ref_init}, None)

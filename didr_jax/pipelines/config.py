@@ -75,6 +75,7 @@ def base_config(backbone: str, variant: str):
   c.align.steps = 20_000
   c.align.batch = 64                      # global
   c.align.k_ta = 5
+  c.align.ta_warmup_steps = 300           # first outer steps: TA updates only (catch up with a distilled generator)
   c.align.grad_accum = 1                  # microbatches per update (same gradient, less activation memory)
   c.align.ta_t_range = (0, 999)
   c.align.gen_t_range = (20, 980)
@@ -108,6 +109,7 @@ def base_config(backbone: str, variant: str):
     c.align.steps = 3
     c.align.batch = 8
     c.align.k_ta = 2
+    c.align.ta_warmup_steps = 0
     c.align.gen_optimizer = _optimizer(1e-4)
     c.align.ta_optimizer = _optimizer(1e-4)
     c.align.gen_optimizer.warmup_steps = 0

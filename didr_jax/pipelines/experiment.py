@@ -64,14 +64,15 @@ def batch_arithmetic(cfg, mesh) -> str:
           f"{b // data_ways // m} per device; mesh {dict(mesh.shape)}")
 
 
-def build_training(pipe: T2I, cfg):
-  """(outer_step, gen_tx, ta_tx) for the config's method."""
+def build_training(pipe: T2I, cfg) -> dict:
+  """The step functions of the config's method (outer, ta_warmup, ta_update, gen_update) and the
+  two optimizers (gen_tx, ta_tx)."""
   gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
   step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay,
                         grad_accum=cfg.align.grad_accum)
-  outer, ta_update, gen_update = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx,
-                                                 ta_tx, batch_sharding=pipe.batch_sh)
-  return dict(outer=outer, ta_update=ta_update, gen_update=gen_update, gen_tx=gen_tx, ta_tx=ta_tx)
+  steps = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx, ta_tx,
+                          batch_sharding=pipe.batch_sh)
+  return dict(steps._asdict(), gen_tx=gen_tx, ta_tx=ta_tx)
 
 
 def init_state(pipe: T2I, cfg, gen_tx, ta_tx):
@@ -179,26 +180,34 @@ def run(cfg, workdir: str) -> dict:
     state = init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
     restored = ckpt.restore(state)
     state = restored if restored is not None else state
-    start = int(sharding.to_host(state.step))
-    if start < cfg.align.steps:
-      chunk = LastMetrics(compile_chunk(scan_chunk(parts["outer"], n), state, frozen,
-                                        pipe.conds(sampler, start, n), pipe.mesh, f"align/{cfg.method}"))
-      chunks, clock = [0], [time.time()]
+    chunks, clock, current = [0], [time.time()], [None]
 
-      def on_chunk(step, st_, host):
-        check_finite(st_, chunk.metrics, cfg.align.max_bad_steps, step)
-        chunks[0] += 1
-        now = time.time()
-        if host is not None:   # wall time per outer step (includes host-side prompt encoding)
-          dt = (now - clock[0]) / n
-          writer.write(step, {"step_time_s": dt, "images_per_s": cfg.align.batch / dt}, prefix="perf/")
-        clock[0] = now
-        if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
-          evaluate(step, st_)
+    def on_chunk(step, st_, host):
+      check_finite(st_, current[0].metrics, cfg.align.max_bad_steps, step)
+      chunks[0] += 1
+      now = time.time()
+      if host is not None:   # wall time per outer step (includes host-side prompt encoding)
+        dt = (now - clock[0]) / n
+        writer.write(step, {"step_time_s": dt, "images_per_s": cfg.align.batch / dt}, prefix="perf/")
+      clock[0] = now
+      if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
+        evaluate(step, st_)
 
+    warmup = cfg.align.ta_warmup_steps
+    phases = [("ta_warmup", warmup, f"align/{cfg.method}/ta_warmup"),
+              ("outer", cfg.align.steps, f"align/{cfg.method}")]
+    for which, until, what in phases:
+      start = int(sharding.to_host(state.step))
+      if start >= until:
+        continue
+      if which == "ta_warmup":
+        log.info("TA warm-up: steps %d..%d run %d TA updates each, the generator is frozen",
+                 start + 1, until, cfg.align.k_ta)
+      current[0] = LastMetrics(compile_chunk(scan_chunk(parts[which], n), state, frozen,
+                                             pipe.conds(sampler, start, n), pipe.mesh, what))
       try:
-        state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=chunk,
-                           steps_per_chunk=n, num_steps=cfg.align.steps,
+        state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=current[0],
+                           steps_per_chunk=n, num_steps=until,
                            conds_for=lambda s: pipe.conds(sampler, s, n), checkpointer=ckpt,
                            writer=writer, stop=stop, log_every_chunks=cfg.train.log_every_chunks,
                            on_chunk=on_chunk)

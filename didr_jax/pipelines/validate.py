@@ -123,6 +123,11 @@ def _check_batch(cfg):
   if m < 1 or b % (m * ways):
     _fail("align.grad_accum", f"{m}: the batch {b} must split into {m} microbatches each divisible "
                               f"by data x fsdp = {ways} devices")
+  w, steps, n = cfg.align.ta_warmup_steps, cfg.align.steps, cfg.train.steps_per_chunk
+  if w < 0 or w >= steps:
+    _fail("align.ta_warmup_steps", f"{w}: expected 0 <= warm-up < align.steps = {steps}")
+  if w % n:
+    _fail("align.ta_warmup_steps", f"{w}: must be a multiple of train.steps_per_chunk = {n}")
   if cfg.mesh.rules not in RULES:
     _fail("mesh.rules", f"{cfg.mesh.rules!r} unknown; choose one of {sorted(RULES)}")
 

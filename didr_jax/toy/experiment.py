@@ -164,7 +164,7 @@ def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop):
   obj = objective_config(cfg, method)
   gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
   step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay)
-  outer, _, _ = make_outer_step(toy.task, obj, step_cfg, gen_tx, ta_tx, batch_sharding=toy.batch_sh)
+  outer = make_outer_step(toy.task, obj, step_cfg, gen_tx, ta_tx, batch_sharding=toy.batch_sh).outer
   frozen = {"ref": ref_params}
   with sharding.model_context(toy.mesh, toy.rules):
     copy = jax.jit(st.copy_tree)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +69,19 @@ def accumulated_value_and_grad(loss_fn, params, batch, n: int):
   return (loss / n, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), mean(grads)
 
 
+class AlignSteps(NamedTuple):
+  """The step functions of one alignment run, each ``(state, frozen, cond) -> (state, metrics)``."""
+  outer: Callable        # k_ta TA updates, then one generator update (+ EMA): one outer step
+  ta_warmup: Callable    # k_ta TA updates, generator frozen: an outer step of the TA warm-up
+  ta_update: Callable    # one TA update (benchmarks)
+  gen_update: Callable   # one generator update (benchmarks, tests)
+
+
 def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_tx, ta_tx,
-                    batch_sharding=None):
-  """One alignment step: k_ta TA updates then one generator update (plus EMA)."""
+                    batch_sharding=None) -> AlignSteps:
+  """The alignment steps. An outer step is k_ta TA updates then one generator update (plus EMA);
+  a TA warm-up step (METHOD.md 5: the TA catches up with a distilled generator before it moves)
+  does the TA updates only. Both advance ``state.step``, the data position."""
   shape = (step_cfg.batch_size,) + tuple(task.sample_shape)
   n_micro = step_cfg.grad_accum
 
@@ -123,16 +133,26 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
     return state.replace(gen_params=params, gen_opt=opt, gen_ema=ema, rng=rng,
                          step=state.step + 1, bad_steps=bad), metrics
 
-  def outer_step(state: TrainState, frozen, cond):
+  def ta_updates(state: TrainState, frozen, cond):
+    """k_ta TA updates; metrics of the last one, skipped updates summed."""
     def ta_body(st, _):
       return ta_update(st, frozen, cond)
     state, ta_metrics = jax.lax.scan(ta_body, state, None, length=step_cfg.k_ta)
-    state, gen_metrics = gen_update(state, frozen, cond)
-    metrics = dict(gen_metrics, **{k: v[-1] for k, v in ta_metrics.items()})
+    metrics = {k: v[-1] for k, v in ta_metrics.items()}
     metrics["ta_skipped"] = jnp.sum(ta_metrics["ta_skipped"])
     return state, metrics
 
-  return outer_step, ta_update, gen_update
+  def outer_step(state: TrainState, frozen, cond):
+    state, ta_metrics = ta_updates(state, frozen, cond)
+    state, gen_metrics = gen_update(state, frozen, cond)
+    return state, dict(gen_metrics, **ta_metrics)
+
+  def ta_warmup_step(state: TrainState, frozen, cond):
+    state, ta_metrics = ta_updates(state, frozen, cond)
+    return state.replace(step=state.step + 1), ta_metrics
+
+  return AlignSteps(outer=outer_step, ta_warmup=ta_warmup_step, ta_update=ta_update,
+                    gen_update=gen_update)
 
 
 def make_fit_step(loss_fn: Callable, tx):
