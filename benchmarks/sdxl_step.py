@@ -1,12 +1,15 @@
 """Per-method TA-step / generator-step time, XLA FLOPs and compiled peak memory of the t2i
 pipeline on a mid-size SDXL-shaped random model; DRP K = 1, 2, 4 for DIDR; per-device memory on
-1 vs N devices (FSDP).
+1 vs N devices (FSDP); 1-device memory with gradient accumulation (``--accums``).
 
   python benchmarks/sdxl_step.py                       # CPU: 8 simulated devices
   python benchmarks/sdxl_step.py --width=64 --resolution=64 --batch=8
+  python benchmarks/sdxl_step.py --methods= --accums=1,2,4    # only the TA and accumulation rows
 
 Peak memory = compiled argument + output + temp bytes per device (``memory_analysis``; aliased
-donated buffers counted once). MFU needs an accelerator's peak FLOP/s: reported only on GPU/TPU.
+donated buffers counted once). XLA's cost analysis counts a loop body once, so the DIDR rows add
+K - 1 standalone-compiled DRP steps and accumulation rows count M microbatches. MFU needs an
+accelerator's peak FLOP/s (``--peak_tflops``).
 """
 from __future__ import annotations
 
@@ -39,6 +42,25 @@ def flops(compiled) -> float:
   return float(cost.get("flops", float("nan")))
 
 
+def drp_call_gflops(pipe, cfg) -> float:
+  """Per-device XLA GFLOPs of one DRP step: the guided reference forward, plus its VJP under remat
+  (forward again + backward), compiled standalone on the pipeline's mesh."""
+  sampler = PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=0)
+  cond = {k: v[0] for k, v in pipe.conds(sampler, 0, 1).items()}
+  x = jax.device_put(jax.numpy.zeros((cfg.align.batch, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
+  t = jax.device_put(jax.numpy.full((cfg.align.batch,), 500.0), pipe.cond_sharding(1, False))
+
+  def forward(p, x, t, c):
+    return pipe.task.denoiser(p, cfg.objective.cfg_w)(x, t, c, True)[0]
+
+  def vjp(p, x, t, c, g):
+    return jax.vjp(jax.checkpoint(lambda y: forward(p, y, t, c)), x)[1](g)[0]
+  with jax.set_mesh(pipe.mesh):
+    fwd = jax.jit(forward).lower(pipe.ref_params, x, t, cond).compile()
+    bwd = jax.jit(vjp).lower(pipe.ref_params, x, t, cond, x).compile()
+  return (flops(fwd) + flops(bwd)) / 1e9
+
+
 def measure(pipe, cfg, which: str, repeats: int):
   parts = experiment.build_training(pipe, cfg)
   state = experiment.init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
@@ -56,11 +78,13 @@ def measure(pipe, cfg, which: str, repeats: int):
   jax.block_until_ready(state)
   return dict(ms=1e3 * (time.time() - t0) / repeats, gflops=flops(chunk) / 1e9,
               peak_mib=peak_bytes(chunk) / 2 ** 20,
-              args_mib=chunk.memory_analysis().argument_size_in_bytes / 2 ** 20, compile_s=compile_s)
+              args_mib=chunk.memory_analysis().argument_size_in_bytes / 2 ** 20,
+              temp_mib=chunk.memory_analysis().temp_size_in_bytes / 2 ** 20, compile_s=compile_s)
 
 
-def config(args, method, k):
+def config(args, method, k, accum=1):
   cfg = get_config("tiny")
+  cfg.align.grad_accum = accum
   cfg.method = method
   cfg.objective.drp_k = k
   cfg.tiny.width, cfg.tiny.vae_width = args.width, args.vae_width
@@ -80,6 +104,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--methods", default="di,dipp,distar,didr")
   p.add_argument("--ks", default="1,2,4")
+  p.add_argument("--accums", default="1", help="grad_accum values of the 1-device didr K=2 rows")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device dense peak, for MFU")
   args = p.parse_args()
   n = jax.device_count()
   rows = []
@@ -88,29 +114,50 @@ def main():
   nparams = sum(x.size for x in jax.tree.leaves(pipe.ref_params))
   print(f"device: {jax.devices()[0].platform} x {n}; UNet {nparams / 1e6:.2f}M params, latent "
         f"{pipe.latent}x{pipe.latent}, batch {args.batch}", flush=True)
-  rows.append(("ta step", "-", n, measure(pipe, base, "ta_update", args.repeats)))
-  for method in args.methods.split(","):
+  rows.append(("ta step", "-", n, 1, measure(pipe, base, "ta_update", args.repeats)))
+  for method in filter(None, args.methods.split(",")):
     ks = [int(k) for k in args.ks.split(",")] if method == "didr" else [2]
     for k in ks:
       cfg = config(args, method, k)
-      rows.append((f"gen step {method}", k if method == "didr" else "-", n,
+      rows.append((f"gen step {method}", k if method == "didr" else "-", n, 1,
                    measure(pipe, cfg, "gen_update", args.repeats)))
       print(rows[-1], flush=True)
   one = T2I(base, devices=jax.devices()[:1])
-  rows.append(("gen step didr", 2, 1, measure(one, base, "gen_update", args.repeats)))
-  print("\n| step | K | devices | ms/step | GFLOPs | peak MiB/device | args MiB/device | compile s |")
-  print("|---|---|---|---|---|---|---|---|")
-  for name, k, d, r in rows:
-    print(f"| {name} | {k} | {d} | {r['ms']:.0f} | {r['gflops']:.2f} | {r['peak_mib']:.1f} | "
-          f"{r['args_mib']:.1f} | {r['compile_s']:.0f} |")
-  didr = {k: r for name, k, d, r in rows if name == "gen step didr" and d == n}
+  for m in (int(a) for a in args.accums.split(",")):
+    rows.append(("gen step didr", 2, 1, m, measure(one, config(args, "didr", 2, m), "gen_update",
+                                                   args.repeats)))
+    print(rows[-1], flush=True)
+  didr = {k: r for name, k, d, m, r in rows if name == "gen step didr" and d == n}
+  # cost_analysis counts a while-loop body once: each row counts one DRP reference call and one
+  # microbatch; the K - 1 other calls are added from the standalone DRP call, microbatches x M
+  drp_call = {n: drp_call_gflops(pipe, base), 1: drp_call_gflops(one, base)}
+  for name, k, d, m, r in rows:
+    r["gflops_all"] = r["gflops"] * m + (k - 1 if name == "gen step didr" else 0) * drp_call[d]
+  print(f"\none DRP step (guided reference forward + its rematerialised VJP), GFLOPs per device: "
+        f"{drp_call[n]:.2f} on {n} devices, {drp_call[1]:.2f} on 1")
+  print("\n| step | K | devices | grad_accum | ms/step | GFLOPs (all K steps) | GFLOP/s | peak MiB/device "
+        "| args MiB/device | temp MiB/device | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for name, k, d, m, r in rows:
+    g = r["gflops_all"]
+    print(f"| {name} | {k} | {d} | {m} | {r['ms']:.0f} | {g:.2f} | {g / r['ms'] * 1e3:.1f} | "
+          f"{r['peak_mib']:.1f} | {r['args_mib']:.1f} | {r['temp_mib']:.1f} | {r['compile_s']:.0f} |")
+  one_r = {m: r for name, k, d, m, r in rows if name == "gen step didr" and d == 1}
   if 1 in didr and 4 in didr:
     print(f"\nremat: peak(K=4) / peak(K=1) = {didr[4]['peak_mib'] / didr[1]['peak_mib']:.2f} (target <= 1.5)")
-  if 2 in didr:
-    one_r = rows[-1][3]
-    print(f"FSDP: args per device {n} dev / 1 dev = {didr[2]['args_mib'] / one_r['args_mib']:.3f} "
-          f"(ideal {1 / n:.3f}); peak ratio {didr[2]['peak_mib'] / one_r['peak_mib']:.3f}")
-  print("MFU: not measured (CPU run)" if jax.devices()[0].platform == "cpu" else "")
+  if 2 in didr and 1 in one_r:
+    print(f"FSDP: args per device {n} dev / 1 dev = {didr[2]['args_mib'] / one_r[1]['args_mib']:.3f} "
+          f"(ideal {1 / n:.3f}); peak ratio {didr[2]['peak_mib'] / one_r[1]['peak_mib']:.3f}")
+  for m in sorted(one_r):
+    if m > 1 and 1 in one_r:
+      print(f"grad_accum {m}: 1-device temp (activation) bytes / grad_accum 1 = "
+            f"{one_r[m]['temp_mib'] / one_r[1]['temp_mib']:.2f}")
+  if args.peak_tflops > 0:
+    best = max(r["gflops_all"] / r["ms"] for _, _, d, _, r in rows if d == n) * 1e3
+    print(f"MFU (best row, XLA-counted FLOPs incl. remat recompute): {best / 1e3 / args.peak_tflops:.3f} "
+          f"of {args.peak_tflops} TFLOP/s per device")
+  else:
+    print("MFU: not measured (give --peak_tflops, the device's dense peak, on an accelerator)")
 
 
 if __name__ == "__main__":
