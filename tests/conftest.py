@@ -16,3 +16,10 @@ def _clear_chex_trace_counter():
   import chex
   chex.clear_trace_counter()
   yield
+
+
+def pytest_collection_modifyitems(config, items):
+  """End-to-end (``slow``) files first: under ``--dist loadfile`` the longest files then start
+  at once on separate workers and the quick files fill in behind them, instead of a long file
+  starting last and running alone."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

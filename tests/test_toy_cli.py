@@ -10,6 +10,8 @@ import pytest
 
 from tests.cli_util import run_until_then_signal
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
          "--config.reference.batch=256", "--config.distill.batch=256", "--config.align.batch=256",
