@@ -80,15 +80,12 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
     np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
 
 
-def assert_exports_close(workdir_a: str, workdir_b: str, updates: int):
-  """The exported generator and EMA of two runs agree up to float32 reduction order after
-  ``updates`` differing Adam updates: Adam normalises a near-zero gradient to a full step, so
-  round-off may move an element by about one learning rate per update; all others agree to 1e-6."""
-  from configs.sdxl import get_config
-  lr = get_config("tiny").align.gen_optimizer.lr
+
+def max_export_diff(workdir_a: str, workdir_b: str) -> dict[str, float]:
+  """{unet, unet_ema: max |a - b|} over every tensor of two runs' exports."""
+  out = {}
   for name in ("unet", "unet_ema"):
     a, b = exported(workdir_a, name), exported(workdir_b, name)
     assert set(a) == set(b)
-    diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
-    assert np.mean(diff > 1e-6) < 1e-4 and diff.max() < 3 * lr * updates, \
-        (name, float(np.mean(diff > 1e-6)), float(diff.max()))
+    out[name] = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+  return out

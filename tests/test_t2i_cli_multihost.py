@@ -50,7 +50,8 @@ def test_one_device_step_from_two_host_checkpoint_equals_two_host_step(two_hosts
   log = t2i_cli.run(t2i_cli.command(single, "di"), t2i_cli.env(cache, devices=1))
   assert "per host 8 (1 hosts), per device 8 (data x fsdp = 1)" in log
   assert "[di] step 3/3" in log and "[di] step 2/3" not in log   # restored step 2
-  t2i_cli.assert_exports_close(multi, single, updates=1)
+  err = t2i_cli.max_export_diff(multi, single)
+  assert max(err.values()) < 1e-5, err
   ra, rb = t2i_cli.train_rows(multi, "di")[3], t2i_cli.train_rows(single, "di")[3]
   for k in ("di/gen_loss", "di/ta_loss", "di/reward", "di/reward_std", "di/kl_grad_norm"):
     np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -102,15 +102,16 @@ def restore_fields(directory: str, like: dict, step: int | None = None) -> tuple
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(f"{directory}: no checkpoint folder")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = manager.all_steps()
-  if not steps:
-    raise CheckpointNotFoundError(f"{directory}: holds no complete checkpoint")
-  step = max(steps) if step is None else int(step)
-  if step not in steps:
-    raise CheckpointNotFoundError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
-  restore = ocp.args.PyTreeRestore(item=like, restore_args=ocp.checkpoint_utils.construct_restore_args(like),
-                                   partial_restore=True)
-  out = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
-  manager.close()
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointNotFoundError(f"{directory}: holds no complete checkpoint")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+      raise CheckpointNotFoundError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
+    restore = ocp.args.PyTreeRestore(item=like, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(like))
+    out = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+  finally:
+    manager.close()
   return step, dict(out)
-
