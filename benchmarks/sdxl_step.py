@@ -1,15 +1,18 @@
 """Per-method TA-step / generator-step time, XLA FLOPs and compiled peak memory of the t2i
-pipeline on a mid-size SDXL-shaped random model; DRP K = 1, 2, 4 for DIDR; per-device memory on
-1 vs N devices (FSDP); 1-device memory with gradient accumulation (``--accums``).
+pipeline on a mid-size SDXL-shaped random model; DIDR with each DRS estimator (``--estimators``:
+drp at K = 1, 2, 4, snis at K x M, hybrid); per-device memory on 1 vs N devices (FSDP); 1-device
+memory with gradient accumulation (``--accums``).
 
   python benchmarks/sdxl_step.py                       # CPU: 8 simulated devices
   python benchmarks/sdxl_step.py --width=64 --resolution=64 --batch=8
   python benchmarks/sdxl_step.py --methods= --accums=1,2,4    # only the TA and accumulation rows
+  python benchmarks/sdxl_step.py --methods=di,dipp --estimators=drp:2,snis:2x4,snis:4x8
 
 Peak memory = compiled argument + output + temp bytes per device (``memory_analysis``; aliased
 donated buffers counted once). XLA's cost analysis counts a loop body once, so the DIDR rows add
-K - 1 standalone-compiled DRP steps and accumulation rows count M microbatches. MFU needs an
-accelerator's peak FLOP/s (``--peak_tflops``).
+K - 1 standalone-compiled DRP steps, the snis rows K - 2 standalone-compiled chain steps (a guided
+reference JVP on B x M rows), and accumulation rows count M microbatches. MFU needs an
+accelerator's peak FLOP/s (``--peak_tflops``). The machine load is printed before and after.
 """
 from __future__ import annotations
 
@@ -61,6 +64,22 @@ def drp_call_gflops(pipe, cfg) -> float:
   return (flops(fwd) + flops(bwd)) / 1e9
 
 
+def chain_step_gflops(pipe, cfg, rows: int) -> float:
+  """Per-device XLA GFLOPs of one snis chain step on ``rows`` rows: the guided reference's JVP
+  (denoiser and its Hutchinson probe product), compiled standalone on the pipeline's mesh."""
+  sampler = PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=0)
+  rep = rows // cfg.align.batch
+  cond = {k: jax.numpy.repeat(v[0], rep, axis=0) for k, v in pipe.conds(sampler, 0, 1).items()}
+  x = jax.device_put(jax.numpy.zeros((rows, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
+  t = jax.device_put(jax.numpy.full((rows,), 500.0), pipe.cond_sharding(1, False))
+
+  def jvp(p, x, t, c):
+    f = lambda y: pipe.task.denoiser(p, cfg.objective.cfg_w)(y, t, c, True)[0]
+    return jax.jvp(f, (x,), (x,))
+  with jax.set_mesh(pipe.mesh):
+    return flops(jax.jit(jvp).lower(pipe.ref_params, x, t, cond).compile()) / 1e9
+
+
 def measure(pipe, cfg, which: str, repeats: int):
   parts = experiment.build_training(pipe, cfg)
   state = experiment.init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
@@ -82,11 +101,13 @@ def measure(pipe, cfg, which: str, repeats: int):
               temp_mib=chunk.memory_analysis().temp_size_in_bytes / 2 ** 20, compile_s=compile_s)
 
 
-def config(args, method, k, accum=1):
+def config(args, method, k, accum=1, drs="drp", m=4):
   cfg = get_config("tiny")
   cfg.align.grad_accum = accum
   cfg.method = method
+  cfg.objective.drs = drs
   cfg.objective.drp_k = k
+  cfg.objective.snis_k, cfg.objective.snis_m = k, m
   cfg.tiny.width, cfg.tiny.vae_width = args.width, args.vae_width
   cfg.data.resolution = args.resolution
   cfg.align.batch = args.batch
@@ -103,10 +124,12 @@ def main():
   p.add_argument("--remat", default="full")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--methods", default="di,dipp,distar,didr")
-  p.add_argument("--ks", default="1,2,4")
+  p.add_argument("--estimators", default="drp:1,drp:2,drp:4,snis:2x4,snis:4x8,hybrid:4x8",
+                 help="DIDR rows: drp:K, snis:KxM, hybrid:KxM")
   p.add_argument("--accums", default="1", help="grad_accum values of the 1-device didr K=2 rows")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device dense peak, for MFU")
   args = p.parse_args()
+  print(f"load before: {os.getloadavg()}", flush=True)
   n = jax.device_count()
   rows = []
   base = config(args, "didr", 2)
@@ -116,23 +139,35 @@ def main():
         f"{pipe.latent}x{pipe.latent}, batch {args.batch}", flush=True)
   rows.append(("ta step", "-", n, 1, measure(pipe, base, "ta_update", args.repeats)))
   for method in filter(None, args.methods.split(",")):
-    ks = [int(k) for k in args.ks.split(",")] if method == "didr" else [2]
-    for k in ks:
-      cfg = config(args, method, k)
-      rows.append((f"gen step {method}", k if method == "didr" else "-", n, 1,
+    variants = [("drp", "2")] if method != "didr" else [e.split(":") for e in args.estimators.split(",")]
+    for drs, km in variants:
+      k, m = (int(v) for v in km.split("x")) if "x" in km else (int(km), 0)
+      cfg = config(args, method, k, drs=drs, m=max(m, 2))
+      label = f"gen step {method}" + (f" {drs}" if method == "didr" else "")
+      rows.append((label, (k if m == 0 else f"{k}x{m}") if method == "didr" else "-", n, 1,
                    measure(pipe, cfg, "gen_update", args.repeats)))
       print(rows[-1], flush=True)
   one = T2I(base, devices=jax.devices()[:1])
   for m in (int(a) for a in args.accums.split(",")):
-    rows.append(("gen step didr", 2, 1, m, measure(one, config(args, "didr", 2, m), "gen_update",
-                                                   args.repeats)))
+    rows.append(("gen step didr drp", 2, 1, m, measure(one, config(args, "didr", 2, m), "gen_update",
+                                                       args.repeats)))
     print(rows[-1], flush=True)
-  didr = {k: r for name, k, d, m, r in rows if name == "gen step didr" and d == n}
+  didr = {k: r for name, k, d, m, r in rows if name == "gen step didr drp" and d == n}
   # cost_analysis counts a while-loop body once: each row counts one DRP reference call and one
-  # microbatch; the K - 1 other calls are added from the standalone DRP call, microbatches x M
+  # microbatch; the K - 1 other calls are added from the standalone DRP call, microbatches x M;
+  # a snis row counts its first (shared) step and one chain step: K - 2 more are added
   drp_call = {n: drp_call_gflops(pipe, base), 1: drp_call_gflops(one, base)}
+  chain = {}
   for name, k, d, m, r in rows:
-    r["gflops_all"] = r["gflops"] * m + (k - 1 if name == "gen step didr" else 0) * drp_call[d]
+    extra = 0.0
+    if name == "gen step didr drp":
+      extra = (k - 1) * drp_call[d]
+    elif name.startswith("gen step didr") and isinstance(k, str):
+      kk, mm = (int(v) for v in k.split("x"))
+      if kk > 2:
+        chain.setdefault(mm, chain_step_gflops(pipe, base, args.batch * mm))
+        extra = (kk - 2) * chain[mm]
+    r["gflops_all"] = r["gflops"] * m + extra
   print(f"\none DRP step (guided reference forward + its rematerialised VJP), GFLOPs per device: "
         f"{drp_call[n]:.2f} on {n} devices, {drp_call[1]:.2f} on 1")
   print("\n| step | K | devices | grad_accum | ms/step | GFLOPs (all K steps) | GFLOP/s | peak MiB/device "
@@ -142,7 +177,7 @@ def main():
     g = r["gflops_all"]
     print(f"| {name} | {k} | {d} | {m} | {r['ms']:.0f} | {g:.2f} | {g / r['ms'] * 1e3:.1f} | "
           f"{r['peak_mib']:.1f} | {r['args_mib']:.1f} | {r['temp_mib']:.1f} | {r['compile_s']:.0f} |")
-  one_r = {m: r for name, k, d, m, r in rows if name == "gen step didr" and d == 1}
+  one_r = {m: r for name, k, d, m, r in rows if name == "gen step didr drp" and d == 1}
   if 1 in didr and 4 in didr:
     print(f"\nremat: peak(K=4) / peak(K=1) = {didr[4]['peak_mib'] / didr[1]['peak_mib']:.2f} (target <= 1.5)")
   if 2 in didr and 1 in one_r:
@@ -158,6 +193,7 @@ def main():
           f"of {args.peak_tflops} TFLOP/s per device")
   else:
     print("MFU: not measured (give --peak_tflops, the device's dense peak, on an accelerator)")
+  print(f"load after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

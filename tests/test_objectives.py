@@ -1,4 +1,4 @@
-"""Objectives against closed forms: Gaussian prior + linear reward (METHOD.md 3.4), DRS, DRP, gradients."""
+"""Objectives against closed forms: Gaussian prior + linear reward (docs/method.md 3.4), DRS, DRP, gradients."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from didr_jax.objectives import (GaussianMixture, ObjectiveConfig, drp_estimate, gaussian_linear_drs,
-                                 generator_loss, mixture_drs)
+from didr_jax.objectives import (GaussianMixture, ObjectiveConfig, drp_estimate, gauss_hermite_log_mgf,
+                                 gaussian_linear_drs, generator_loss, mixture_drs, step_log_mgf)
 from didr_jax.diffusion import Schedule
 from didr_jax.objectives.generator import tbin_ratios
 from didr_jax.training.metrics import reduce_chunk_metrics
@@ -40,25 +40,29 @@ def test_target_score_equals_closed_form():
   # The quadrature DRS of a one-component mixture with a first-coordinate linear reward agrees.
   b1 = jnp.array([1.3, 0.0])
   mix = GaussianMixture(((0.5, -1.0),), (V0 ** 0.5,), (1.0,))
-  quad = jax.jit(lambda x, a, s: mixture_drs(mix, lambda x1: 1.3 * x1, BETA, x, a, s))(x, a, s)
+  quad = jax.jit(lambda x, a, s: mixture_drs(mix, gauss_hermite_log_mgf(lambda x1: 1.3 * x1, BETA), x, a, s))(x, a, s)
   chex.assert_trees_all_close(quad, gaussian_linear_drs(a, s, V0, b1, BETA), atol=1e-4, rtol=1e-4)
 
 
-def test_mixture_drs_against_brute_force_quadrature():
-  """Exact mixture DRS vs an independent numpy computation of grad log h on a dense grid."""
+@pytest.mark.parametrize("reward", ["sigmoid", "step"])
+def test_mixture_drs_against_brute_force_quadrature(reward):
+  """Exact mixture DRS vs an independent numpy computation of grad log h on a dense grid, for the
+  smooth (Gauss-Hermite) and the step (closed-form) reward."""
   mix = GaussianMixture(((-2.0,), (2.0,)), (0.5, 0.5), (0.3, 0.7))
   beta, tau = 0.5, 0.25
   x = np.array([[-1.3], [0.2], [0.9]], np.float32)
   t = jnp.array([0.2, 0.5, 0.8])
   a, s = SCHED.alpha_sigma(t)
-  ours = np.asarray(jax.jit(lambda x, a, s: mixture_drs(mix, lambda x1: jax.nn.sigmoid(x1 / tau), beta,
-                                                         x, a, s))(jnp.asarray(x), a, s))[:, 0]
+  log_mgf = (gauss_hermite_log_mgf(lambda x1: jax.nn.sigmoid(x1 / tau), beta) if reward == "sigmoid"
+             else step_log_mgf(beta))
+  ours = np.asarray(jax.jit(lambda x, a, s: mixture_drs(mix, log_mgf, x, a, s))(jnp.asarray(x), a, s))[:, 0]
   g = np.linspace(-8, 8, 40001)
+  r = 1 / (1 + np.exp(-g / tau)) if reward == "sigmoid" else (g > 0).astype(np.float64)
 
   def log_h(xv, av, sv):
     prior = 0.3 * np.exp(-0.5 * ((g + 2) / 0.5) ** 2) + 0.7 * np.exp(-0.5 * ((g - 2) / 0.5) ** 2)
     post = prior * np.exp(-0.5 * ((xv - av * g) / sv) ** 2)
-    return np.log(np.sum(post * np.exp(1 / (1 + np.exp(-g / tau)) / beta)) / np.sum(post))
+    return np.log(np.sum(post * np.exp(r / beta)) / np.sum(post))
 
   h = 1e-3
   for i in range(3):
@@ -124,7 +128,7 @@ def test_didr_pseudo_loss_gradient(drs):
   coef = (s_t ** 2 / a_t ** 2 * a_t)[:, None] * v            # w(t) a_t (...)
   chex.assert_trees_all_close(grads["c"], coef.mean(0), atol=1e-5, rtol=1e-4)
   chex.assert_trees_all_close(grads["A"], jnp.einsum("bi,bj->ij", coef, z) / n, atol=1e-5, rtol=1e-4)
-  # the monitored ratio per t-bin: |(s^2/a) DRS| against |D_ta - D_ref| (METHOD.md 3.4)
+  # the monitored ratio per t-bin: |(s^2/a) DRS| against |D_ta - D_ref| (docs/method.md section 3.4)
   shift = jnp.linalg.norm((s_t ** 2 / a_t)[:, None] * exact_drs(x_t, t, None), axis=-1)
   kl = jnp.linalg.norm(ta(x_t, t)[0] - _ref(x_t, t)[0], axis=-1)
   host = reduce_chunk_metrics({k: v[None] for k, v in metrics.items()})

@@ -65,10 +65,11 @@ def test_outputs_complete_and_consistent(finished_run):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  methods = ["di", "dipp", "didr_exact", "didr_drp", "distar"]
+  cfg = get_config("fast")
+  methods = list(cfg.methods)
+  assert "didr_snis" in methods and "didr_drp" in methods
   assert list(results["methods"]) == methods
   assert 0.85 < results["target"]["p_pos"] < 0.91
-  cfg = get_config("fast")
   problem = ToyProblem.from_config(cfg.toy)
   with np.load(os.path.join(workdir, "samples.npz")) as f:
     samples = dict(f)
@@ -84,8 +85,17 @@ def test_outputs_complete_and_consistent(finished_run):
     assert m["p_pos"] == pytest.approx(float(np.mean(samples[name][:, 0] > 0)))
   with open(os.path.join(workdir, "drp_bias.json")) as f:
     bias = json.load(f)
-  assert sorted(bias["K"]) == ["1", "2", "4"]
-  assert all(len(v) == 10 and np.all(np.isfinite(v)) for v in bias["K"].values())
+  for ref in ("learned_reference", "exact_reference"):   # every estimator, both references
+    assert sorted(bias[ref]) == ["drp_k1", "drp_k2", "drp_k4", "hybrid", "snis"]
+    for est in bias[ref].values():
+      assert len(est["ratio"]) == 10 and np.all(np.isfinite(est["ratio"]))
+      assert np.isfinite(est["integrated_bias"])
+  # the exact-reference DRP is off by > 4x in the top bin, the shipped estimator within 15 %
+  assert bias["exact_reference"]["drp_k1"]["ratio"][-1] > 4
+  assert abs(bias["exact_reference"]["snis"]["ratio"][-1] - 1) < 0.15
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = set().union(*(json.loads(line) for line in f))
+  assert {"didr_snis/snis_ess", "didr_snis/drs_to_kl/t0.75-1.00"} <= logged
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(f"| {m} |" in table for m in methods)
   with open(os.path.join(workdir, "densities.png"), "rb") as f:
@@ -108,6 +118,10 @@ def test_workdir_of_another_config_is_refused(finished_run):
     ("--config.toy.weights=(0.5,0.6)", "config.toy.weights"),
     ("--config.objective.drp_k=0", "config.objective.drp_k"),
     ("--config.methods=('di','ppo')", "config.methods"),
+    ("--config.objective.snis_m=1", "config.objective.snis_m"),
+    ("--config.objective.snis_variance=exact", "config.objective.snis_variance"),
+    ("--config.toy.reward=cosine", "config.toy.reward"),
+    ("--config.toy.reward=step", "config.methods"),     # dipp, didr_drp, distar need a gradient
 ])
 def test_bad_input_one_line_naming_the_field(tmp_path, override, field):
   out = subprocess.run(_cmd(str(tmp_path / "w"), override), cwd=ROOT, env=ENV, capture_output=True,

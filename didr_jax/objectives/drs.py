@@ -1,8 +1,9 @@
-"""Diffused Reward Score sources (METHOD.md 3.4).
+"""Diffused Reward Score sources (docs/method.md section 4).
 
 * exact, analytic priors: Gaussian prior + linear reward (closed form) and Gaussian-mixture priors
-  with a reward of the first coordinate (Gauss-Hermite quadrature over the closed-form mixture
-  posterior, autodiff for the gradient);
+  with a reward of the first coordinate (the closed-form mixture posterior; per component
+  Gauss-Hermite quadrature for a smooth reward or the closed form of a step reward; autodiff
+  for the gradient);
 * the Diffused Reward Proxy: K deterministic DDIM steps of the frozen guided reference written as a
   ``lax.scan`` with each step under ``jax.checkpoint``, differentiated w.r.t. its input only.
 """
@@ -58,6 +59,11 @@ class GaussianMixture:
     """grad_x log q_t(x): the exact reference score."""
     return jax.grad(lambda y: jnp.sum(self.diffused_log_prob(y, a, s)))(x)
 
+  def denoise(self, x, a, s):
+    """E[x0 | x_t]: the exact denoiser of the diffused mixture (the posterior mean)."""
+    logw, m, _ = self.posterior(x, a, s)
+    return jnp.sum(jnp.exp(logw)[..., None] * m, axis=-2)
+
   def posterior(self, x, a, s):
     """q(x0 | x_t): (log weights [..., K], means [..., K, d], variances [..., K])."""
     mu, sd, w = self.arrays
@@ -73,22 +79,32 @@ class GaussianMixture:
     return logw, mu + gain * diff, sd ** 2 * s ** 2 / var_t
 
 
-def _log_h(mixture, reward1d, beta, x, a, s, nodes, node_weights):
-  """log E_{q(x0|x_t)} exp(r(x0_1)/beta) by Gauss-Hermite quadrature on the first coordinate."""
-  logw, m, v = mixture.posterior(x, a, s)
-  pts = m[..., 0:1] + jnp.sqrt(2.0 * v)[..., None] * nodes          # [..., K, Q]
-  vals = reward1d(pts) / beta + jnp.log(node_weights) - 0.5 * jnp.log(jnp.pi)
-  per_comp = jax.scipy.special.logsumexp(vals, axis=-1)             # [..., K]
-  return jax.scipy.special.logsumexp(logw + per_comp, axis=-1)
-
-
-def mixture_drs(mixture: GaussianMixture, reward1d, beta: float, x, a, s, num_nodes: int = 96):
-  """Exact DRS(x_t, t) = grad_x log h_t(x) for a Gaussian-mixture prior (reward on coordinate 0)."""
+def gauss_hermite_log_mgf(reward1d, beta: float, num_nodes: int = 96):
+  """log E_{N(m, v)} exp(r(x)/beta) for a smooth reward, by Gauss-Hermite quadrature."""
   nodes, node_weights = np.polynomial.hermite.hermgauss(num_nodes)
   nodes = jnp.asarray(nodes, jnp.float32)
-  node_weights = jnp.asarray(node_weights, jnp.float32)
-  f = lambda y: jnp.sum(_log_h(mixture, reward1d, beta, y, a, s, nodes, node_weights))
-  return jax.grad(f)(x)
+  log_nw = jnp.log(jnp.asarray(node_weights, jnp.float32)) - 0.5 * jnp.log(jnp.pi)
+
+  def log_mgf(m, v):
+    pts = m[..., None] + jnp.sqrt(2.0 * v)[..., None] * nodes
+    return jax.scipy.special.logsumexp(reward1d(pts) / beta + log_nw, axis=-1)
+  return log_mgf
+
+
+def step_log_mgf(beta: float):
+  """log E_{N(m, v)} exp(1[x > 0]/beta) = log(1 + (e^{1/beta} - 1) Phi(m / sqrt v)), exactly."""
+  def log_mgf(m, v):
+    return jnp.log1p(jnp.expm1(1.0 / beta) * jax.scipy.stats.norm.cdf(m / jnp.sqrt(v)))
+  return log_mgf
+
+
+def mixture_drs(mixture: GaussianMixture, log_mgf, x, a, s):
+  """Exact DRS(x_t, t) = grad_x log h_t(x) for a Gaussian-mixture prior and a reward of the first
+  coordinate; ``log_mgf(m, v)`` is log E exp(r/beta) under N(m, v) (the posterior components)."""
+  def log_h(y):
+    logw, m, v = mixture.posterior(y, a, s)
+    return jnp.sum(jax.scipy.special.logsumexp(logw + log_mgf(m[..., 0], v), axis=-1))
+  return jax.grad(log_h)(x)
 
 
 def _drp_grid(schedule, t, j, k):
@@ -127,5 +143,5 @@ def drp_estimate(ref_denoise, reward, schedule, x_t, t, cond, k: int, beta: floa
   return grad / beta, rewards
 
 
-__all__ = ["GaussianMixture", "drp_denoise", "drp_estimate",
-           "gaussian_linear_drs", "mixture_drs", "broadcast_to"]
+__all__ = ["GaussianMixture", "drp_denoise", "drp_estimate", "gauss_hermite_log_mgf",
+           "gaussian_linear_drs", "mixture_drs", "step_log_mgf", "broadcast_to"]

@@ -20,11 +20,13 @@ import numpy as np
 
 from didr_jax.diffusion import at_least_f32, broadcast_to
 from didr_jax.objectives.drs import drp_estimate
+from didr_jax.objectives.posterior_drs import snis_correction
 
 METHODS = ("di", "dipp", "distar", "didr")
 WEIGHTINGS = ("plain", "dmd2")
-DRS_SOURCES = ("exact", "drp")
+DRS_SOURCES = ("exact", "drp", "snis", "hybrid")
 CFG_PLACEMENTS = ("in", "out")
+SNIS_VARIANCES = ("local", "table", "none")
 N_TBINS = 4                      # t-bins of the DRS-to-KL gradient ratio metric
 RATIO_PREFIX = "ratio:"
 
@@ -37,9 +39,15 @@ class ObjectiveConfig:
   weighting: str = "plain"        # plain: w'(t) = 1; dmd2: w' = 1 / mean|x0 - D_ref| per sample
   alpha_rew: float = 1.0          # DI++ / DI* endpoint reward scale
   beta: float = 1.0               # DIDR KL strength: p* ~ q0 exp(r / beta)
-  drs: str = "drp"                # DIDR DRS source
+  drs: str = "snis"               # DIDR DRS estimator: exact | drp | snis | hybrid (docs/method.md 4)
   drp_k: int = 2                  # DRP DDIM steps
   drp_t_max: float = -1.0         # DRP term only for t <= t_max (< 0: no cut-off; exact DRS unaffected)
+  snis_k: int = 4                 # snis: ancestral chain steps
+  snis_m: int = 8                 # snis: posterior samples per row
+  snis_chunk: int = 0             # snis: samples per row run at once (0: all M)
+  snis_rows: int = 0              # snis: rows of a batch that get the estimate (0: all; see below)
+  snis_variance: str = "local"    # snis chains' x0 variance: local | table | none
+  hybrid_snr: float = 0.66        # hybrid: K=1 DRP where a^2/s^2 >= this, snis below
   distar_c: float = 1.0           # Pseudo-Huber constant
   cfg_placement: str = "in"       # DI*: guided reference inside y ("in") or as implicit reward ("out")
   cfg_w: float = 0.0              # augmented guidance scale of the reference (0: no guidance)
@@ -48,7 +56,8 @@ class ObjectiveConfig:
     for name, value, allowed in (("method", self.method, METHODS),
                                  ("weighting", self.weighting, WEIGHTINGS),
                                  ("drs", self.drs, DRS_SOURCES),
-                                 ("cfg_placement", self.cfg_placement, CFG_PLACEMENTS)):
+                                 ("cfg_placement", self.cfg_placement, CFG_PLACEMENTS),
+                                 ("snis_variance", self.snis_variance, SNIS_VARIANCES)):
       if value not in allowed:
         raise ValueError(f"objective.{name}={value!r} unknown; choose one of {allowed}")
     if self.beta <= 0:
@@ -57,6 +66,32 @@ class ObjectiveConfig:
       raise ValueError(f"objective.drp_k must be >= 1, got {self.drp_k}")
     if self.distar_c <= 0:
       raise ValueError(f"objective.distar_c must be > 0, got {self.distar_c}")
+    if self.snis_k < 1:
+      raise ValueError(f"objective.snis_k must be >= 1, got {self.snis_k}")
+    if self.snis_m < 2:
+      raise ValueError(f"objective.snis_m must be >= 2 (the jackknife needs two samples), "
+                       f"got {self.snis_m}")
+    if self.snis_chunk < 0 or (self.snis_chunk and self.snis_m % self.snis_chunk):
+      raise ValueError(f"objective.snis_chunk={self.snis_chunk} must be 0 or divide "
+                       f"objective.snis_m={self.snis_m}")
+    if self.snis_rows < 0:
+      raise ValueError(f"objective.snis_rows must be >= 0 (0: every row), got {self.snis_rows}")
+    if self.hybrid_snr <= 0:
+      raise ValueError(f"objective.hybrid_snr must be > 0, got {self.hybrid_snr}")
+
+  @property
+  def stochastic_drs(self) -> bool:
+    """Whether the generator loss draws posterior samples (needs per-row keys and a table)."""
+    return self.method == "didr" and self.drs in ("snis", "hybrid")
+
+  @property
+  def needs_drs_table(self) -> bool:
+    return self.stochastic_drs and self.snis_variance == "table"
+
+  @property
+  def needs_reward_grad(self) -> bool:
+    """Whether the method differentiates the reward (a step reward cannot serve it)."""
+    return self.method in ("dipp", "distar") or (self.method == "didr" and self.drs in ("drp", "hybrid"))
 
 
 def _per_sample_sum(x):
@@ -76,8 +111,63 @@ def kl_weight(cfg: ObjectiveConfig, x0, d_ref):
   return jnp.nan_to_num(1.0 / norm, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t, cond, keys=None,
+                          drs_table=None, exact_drs=None, d_ref=None):
+  """(T, metrics): the D-space DRS correction T = (s^2/a) DRS that moves D_ref toward D*_t.
+
+  ``x_t`` is under stop-gradient; ``keys`` [B, 2] per-row keys for the stochastic estimators,
+  ``drs_table`` their variance table (docs/method.md 4); ``d_ref`` the guided D_ref(x_t) when
+  the caller has it (the posterior chains start from it). With ``snis_rows`` = n < B, every
+  (B/n)-th row gets the posterior-sample estimate times B/n and the others none: the batch mean
+  of the DRS term stays unbiased at n/B of the cost (rows are strided, so each device's shard of
+  a batch-sharded x_t contributes equally).
+  """
+  a, s = schedule.alpha_sigma(t)
+  to_d = broadcast_to(s ** 2 / a, x_t)
+  guided = lambda x, tt, c: ref(x, tt, c, True)
+  metrics = {}
+  if cfg.drs == "exact":
+    if exact_drs is None:
+      raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
+    return to_d * at_least_f32(exact_drs(x_t, t, cond)), metrics
+  if cfg.drs in ("drp", "hybrid"):
+    drs, r_phi = drp_estimate(guided, reward, schedule, x_t, t, cond,
+                              cfg.drp_k if cfg.drs == "drp" else 1, cfg.beta)
+    t_drp = to_d * at_least_f32(drs)
+    if cfg.drs == "drp" and cfg.drp_t_max >= 0:
+      t_drp = t_drp * broadcast_to((t <= cfg.drp_t_max).astype(t_drp.dtype), t_drp)
+    metrics["drp_reward"] = jnp.mean(r_phi)
+    if cfg.drs == "drp":
+      return t_drp, metrics
+  if keys is None:
+    raise ValueError(f"objective.drs={cfg.drs!r} draws posterior samples: pass per-row keys")
+  if cfg.snis_variance == "table" and drs_table is None:
+    raise ValueError(f"objective.drs={cfg.drs!r} with snis_variance='table' needs the variance table")
+  b = t.shape[0]
+  stride = b // cfg.snis_rows if 0 < cfg.snis_rows < b else 1
+  if b % stride:
+    raise ValueError(f"objective.snis_rows={cfg.snis_rows} must divide the batch of {b} rows")
+  pick = lambda v: v[::stride]
+  t_sub, snis_metrics = snis_correction(guided, reward, schedule, pick(x_t), pick(t),
+                                        jax.tree.map(pick, cond), pick(keys), k=cfg.snis_k,
+                                        m=cfg.snis_m, beta=cfg.beta, table=drs_table,
+                                        variance=cfg.snis_variance, chunk=cfg.snis_chunk,
+                                        d_ref=None if d_ref is None else pick(d_ref))
+  # Every stride-th row carries the estimate, weighted by the stride: unbiased for the batch mean.
+  t_snis = jnp.zeros_like(at_least_f32(x_t)).at[::stride].set(stride * t_sub)
+  used = jnp.zeros_like(t, jnp.float32).at[::stride].set(1.0)
+  if cfg.drs == "hybrid":
+    high_snr = (a / s) ** 2 >= cfg.hybrid_snr
+    t_snis = jnp.where(broadcast_to(high_snr, t_snis), t_drp, t_snis)
+    used = 1.0 - high_snr.astype(jnp.float32)
+  ess = jnp.zeros_like(used).at[::stride].set(snis_metrics["ess"])
+  metrics["snis_ess"] = jnp.sum(used * ess) / jnp.maximum(jnp.sum(used), 1.0)
+  metrics.update(tbin_ratios("snis_ess", schedule, t, used * ess, used))
+  return t_snis, metrics
+
+
 def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule, z, cond, t, eps,
-                   exact_drs=None):
+                   exact_drs=None, keys=None, drs_table=None):
   """(pseudo-loss, metrics) of ``cfg.method`` for one batch; see the module docstring."""
   x0 = at_least_f32(generate(z, cond))
   a, s = schedule.alpha_sigma(t)
@@ -93,18 +183,14 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
   kl_norm = jnp.sqrt(_per_sample_sum(g ** 2))
   metrics = {"kl_grad_norm": jnp.mean(kl_norm)}
   if cfg.method == "didr":
-    if cfg.drs == "exact":
-      if exact_drs is None:
-        raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
-      drs = exact_drs(sg(x_t), t, cond)
-    else:
-      drs, r_phi = drp_estimate(lambda x, tt, c: ref(x, tt, c, True), reward, schedule, sg(x_t), t,
-                                cond, cfg.drp_k, cfg.beta)
-      if cfg.drp_t_max >= 0:
-        drs = drs * broadcast_to((t <= cfg.drp_t_max).astype(drs.dtype), drs)
-      metrics["drp_reward"] = jnp.mean(r_phi)
-    # (s^2/a) DRS moves D_ref toward D*_t; with w' it keeps lambda_r = w' s^2/a^2 (METHOD.md 3.4).
-    shift = broadcast_to(w, x0) * (sb ** 2 / ab) * at_least_f32(drs)
+    shift_d, drs_metrics = diffused_reward_shift(cfg, ref=ref, reward=reward, schedule=schedule,
+                                                 x_t=sg(x_t), t=t, cond=cond, keys=keys,
+                                                 drs_table=drs_table, exact_drs=exact_drs,
+                                                 d_ref=d_ref)
+    metrics.update(drs_metrics)
+    # T = (s^2/a) DRS moves D_ref toward D*_t; with w' it keeps lambda_r = w' s^2/a^2
+    # (docs/method.md 3.4).
+    shift = broadcast_to(w, x0) * shift_d
     g = g - shift
     shift_norm = jnp.sqrt(_per_sample_sum(shift ** 2))
     metrics["drs_grad_norm"] = jnp.mean(shift_norm)

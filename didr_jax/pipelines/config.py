@@ -65,8 +65,15 @@ def base_config(backbone: str, variant: str):
   c.objective.weighting = "dmd2"
   c.objective.alpha_rew = 100.0           # DI++ / DI* (SDXL)
   c.objective.beta = 0.01                 # DIDR KL strength (sweep)
-  c.objective.drp_k = 2
-  c.objective.drp_t_max = -1.0
+  c.objective.drs = "snis"                # DIDR DRS estimator: snis | hybrid | drp (docs/method.md 4)
+  c.objective.drp_k = 2                   # drp: DDIM steps
+  c.objective.drp_t_max = -1.0            # drp: term only for t <= t_max (< 0: everywhere)
+  c.objective.snis_k = 2                  # snis: chain steps (1 + (K-1) M guided reference calls per row)
+  c.objective.snis_m = 4                  # snis: posterior samples per row (M VAE decodes + rewards)
+  c.objective.snis_chunk = 0              # snis: samples per row run at once (0: all M)
+  c.objective.snis_rows = 0               # snis: rows per batch that get the estimate (0: all)
+  c.objective.snis_variance = "local"     # snis chains' x0 variance: local (JVP) | table | none
+  c.objective.hybrid_snr = 0.66           # hybrid: K=1 DRP where a^2/s^2 >= 0.66 (timestep <= ~418)
   c.objective.distar_c = 1.0
   c.objective.cfg_placement = "in"
   c.objective.cfg_w = b["cfg_w"]          # augmented: out_c + w (out_c - out_u) = diffusers 1 + w
@@ -106,6 +113,8 @@ def base_config(backbone: str, variant: str):
     c.reward.name = "tiny_pickscore"
     c.objective.alpha_rew = 1.0
     c.objective.beta = 1.0
+    c.objective.snis_variance = "table"   # CI: no JVP through the UNet (compile time); real runs: local
+    c.objective.snis_m = 2
     c.align.steps = 3
     c.align.batch = 8
     c.align.k_ta = 2

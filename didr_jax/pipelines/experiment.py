@@ -21,20 +21,24 @@ from didr_jax.objectives import ObjectiveConfig
 from didr_jax.pipelines.t2i import T2I
 from didr_jax.training import state as st
 from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.drs_table import persisted_variance_table
 from didr_jax.training.loop import NonFiniteError, StopSignal, run_chunks
 from didr_jax.training.metrics import MetricWriter
 from didr_jax.training.steps import StepConfig, compile_chunk, make_outer_step, scan_chunk
 
 # Checked in this order when a run stops on non-finite updates: the first one found is named.
-NONFINITE_ORDER = ("reward", "drp_reward", "gen_loss", "kl_grad_norm", "pseudo_huber", "gen_grad_norm",
+NONFINITE_ORDER = ("reward", "drp_reward", "snis_ess", "gen_loss", "kl_grad_norm", "pseudo_huber", "gen_grad_norm",
                    "ta_loss", "ta_grad_norm")
 
 
 def objective_config(cfg) -> ObjectiveConfig:
   o = cfg.objective
   return ObjectiveConfig(method=cfg.method, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
-                         beta=float(o.beta), drs="drp", drp_k=int(o.drp_k),
-                         drp_t_max=float(o.drp_t_max), distar_c=float(o.distar_c),
+                         beta=float(o.beta), drs=o.drs, drp_k=int(o.drp_k),
+                         drp_t_max=float(o.drp_t_max), snis_k=int(o.snis_k), snis_m=int(o.snis_m),
+                         snis_chunk=int(o.snis_chunk), snis_rows=int(o.snis_rows),
+                         snis_variance=o.snis_variance,
+                         hybrid_snr=float(o.hybrid_snr), distar_c=float(o.distar_c),
                          cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
 
 
@@ -161,6 +165,9 @@ def run(cfg, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   parts = build_training(pipe, cfg)
   frozen = pipe.frozen()
+  if objective_config(cfg).needs_drs_table:
+    frozen["drs_table"] = persisted_variance_table(os.path.join(workdir, "drs_table.json"),
+                                                   lambda: pipe.variance_table(sampler), pipe.mesh)
   n = cfg.train.steps_per_chunk
   eval_fn = pipe.eval_fn()
   eval_cond, eval_z = pipe.eval_inputs(cfg.eval.prompts, cfg.eval.seed)

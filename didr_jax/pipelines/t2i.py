@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax import log, sharding
 from didr_jax.diffusion import Schedule
+from didr_jax.objectives import variance_table
 from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
@@ -172,6 +173,26 @@ class T2I:
     z = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed),
                                          (len(prompts), self.latent, self.latent, 4)), repl)
     return cond, z
+
+  def variance_table(self, sampler, num_points: int = 64) -> dict:
+    """The snis chains' variance table of the guided reference on initial-generator samples of the
+    first training batch [choice: no data is at hand, and the initial generator is a distillation
+    of the reference]."""
+    cond = jax.tree.map(lambda v: v[0], self.conds(sampler, 0, 1))
+    key = jax.random.PRNGKey(self.cfg.seed + 300)
+    shape = (self.cfg.align.batch,) + tuple(self.task.sample_shape)
+
+    @jax.jit
+    def compute(gen, ref, cond):
+      z = jax.lax.with_sharding_constraint(jax.random.normal(key, shape), self.batch_sh)
+      x0 = self.task.generator_apply(gen, z, cond)
+      guided = self.task.denoiser(ref, float(self.cfg.objective.cfg_w))
+      return variance_table(lambda x, t, c: guided(x, t, c, True), self.schedule, x0, cond,
+                            jax.random.fold_in(key, 1),
+                            jnp.linspace(*self.schedule.t_range, num_points))
+
+    with jax.set_mesh(self.mesh):
+      return compute(self.gen_init, self.ref_params, cond)
 
   def eval_fn(self):
     """jitted (gen_params, frozen, cond, z) -> (images [-1, 1], rewards)."""

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from didr_jax.objectives.generator import CFG_PLACEMENTS, METHODS, WEIGHTINGS
+from didr_jax.pipelines.experiment import objective_config
 from didr_jax.sharding import RULES
 
 
@@ -123,6 +124,9 @@ def _check_batch(cfg):
   if m < 1 or b % (m * ways):
     _fail("align.grad_accum", f"{m}: the batch {b} must split into {m} microbatches each divisible "
                               f"by data x fsdp = {ways} devices")
+  rows, micro = cfg.objective.snis_rows, b // max(m, 1)
+  if 0 < rows < micro and micro % rows:
+    _fail("objective.snis_rows", f"{rows} must divide the microbatch of {micro} rows (or be 0)")
   w, steps, n = cfg.align.ta_warmup_steps, cfg.align.steps, cfg.train.steps_per_chunk
   if w < 0 or w >= steps:
     _fail("align.ta_warmup_steps", f"{w}: expected 0 <= warm-up < align.steps = {steps}")
@@ -142,8 +146,10 @@ def validate(cfg) -> None:
     _fail("objective.cfg_placement", f"{o.cfg_placement!r} unknown; choose one of {CFG_PLACEMENTS}")
   if o.beta <= 0:
     _fail("objective.beta", f"must be > 0, got {o.beta}")
-  if o.drp_k < 1:
-    _fail("objective.drp_k", f"must be >= 1, got {o.drp_k}")
+  try:
+    objective_config(cfg)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
   if not 0 <= cfg.model.label_t <= 999:
     _fail("model.label_t", f"must be in 0..999, got {cfg.model.label_t}")
   for name in ("ta_t_range", "gen_t_range"):

@@ -5,6 +5,7 @@ leaves ``workdir/methods/<name>.npz`` so a rerun of the same command skips it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,19 +18,23 @@ from flax import nnx
 
 from didr_jax import sharding
 from didr_jax.diffusion import ddim_sample, make_schedule
-from didr_jax.objectives import ObjectiveConfig, dsm_loss, drp_estimate, mixture_drs
+from didr_jax.objectives import ObjectiveConfig, dsm_loss, mixture_drs, variance_table
 from didr_jax.training import state as st
 from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.drs_table import persisted_variance_table
 from didr_jax.training.loop import StopSignal, run_chunks
 from didr_jax.training.metrics import MetricWriter
 from didr_jax.training.steps import StepConfig, compile_chunk, make_fit_step, make_outer_step, scan_chunk
 from didr_jax.training.task import Task
-from didr_jax.toy import report
+from didr_jax.toy import drs_bias, report
 from didr_jax.toy.networks import Denoiser, Generator
 from didr_jax.toy.problem import ToyProblem, sample_metrics, target_summary
 
+TABLE_SAMPLES, TABLE_POINTS = 16_384, 64    # variance table: q0 samples and t points
+
 METHOD_OBJECTIVES = {"di": ("di", "exact"), "dipp": ("dipp", "exact"), "didr_exact": ("didr", "exact"),
-                     "didr_drp": ("didr", "drp"), "distar": ("distar", "exact")}
+                     "didr_drp": ("didr", "drp"), "didr_snis": ("didr", "snis"),
+                     "didr_hybrid": ("didr", "hybrid"), "distar": ("distar", "exact")}
 
 
 def identities(cfg) -> dict:
@@ -54,7 +59,10 @@ def objective_config(cfg, method: str) -> ObjectiveConfig:
   o = cfg.objective
   return ObjectiveConfig(method=name, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
                          beta=float(cfg.toy.beta), drs=drs, drp_k=int(o.drp_k),
-                         drp_t_max=float(o.drp_t_max), distar_c=float(o.distar_c),
+                         drp_t_max=float(o.drp_t_max), snis_k=int(o.snis_k), snis_m=int(o.snis_m),
+                         snis_chunk=int(o.snis_chunk), snis_rows=int(o.snis_rows),
+                         snis_variance=str(o.snis_variance),
+                         hybrid_snr=float(o.hybrid_snr), distar_c=float(o.distar_c),
                          cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
 
 
@@ -81,7 +89,7 @@ class Toy:
         network_apply=lambda p, x, t, c: nnx.merge(self.den_graph, p)(x, t),
         reward_apply=lambda frozen, x0, c: problem.reward(x0),
         ta_t_range=tuple(cfg.align.ta_t_range), gen_t_range=tuple(cfg.align.gen_t_range),
-        exact_drs=lambda x, t, c: mixture_drs(problem.mixture, problem.reward1d, beta, x,
+        exact_drs=lambda x, t, c: mixture_drs(problem.mixture, problem.log_mgf, x,
                                               *self.schedule.alpha_sigma(t)))
 
   def constrain(self, x):
@@ -159,13 +167,26 @@ def distill_generator(toy: Toy, ref_params, ckpt, writer, stop):
                     frozen, ckpt, writer, stop)
 
 
-def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop):
+def drs_table(toy: Toy, ref_params, workdir: str):
+  """The snis variance table of the learned reference on q0 samples, kept in the workdir."""
+  cfg = toy.cfg
+  key = jax.random.PRNGKey(cfg.seed + 300)
+  compute = jax.jit(lambda p: variance_table(
+      toy.task.denoiser(p), toy.schedule, toy.problem.sample_q0(key, TABLE_SAMPLES), None,
+      jax.random.fold_in(key, 1), jnp.linspace(cfg.reference.t_min, 1.0, TABLE_POINTS)))
+  return persisted_variance_table(os.path.join(workdir, "drs_table.json"),
+                                  lambda: compute(jax.tree.map(sharding.to_host, ref_params)), toy.mesh)
+
+
+def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop, table=None):
   cfg = toy.cfg
   obj = objective_config(cfg, method)
   gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
   step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay)
   outer = make_outer_step(toy.task, obj, step_cfg, gen_tx, ta_tx, batch_sharding=toy.batch_sh).outer
   frozen = {"ref": ref_params}
+  if obj.needs_drs_table:
+    frozen["drs_table"] = table
   with sharding.model_context(toy.mesh, toy.rules):
     copy = jax.jit(st.copy_tree)
     state = st.init_train_state(gen_params=copy(gen_params), ta_params=copy(ref_params), gen_tx=gen_tx,
@@ -182,36 +203,36 @@ def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop):
   return state
 
 
-def drp_bias(toy: Toy, ref_params, key) -> dict:
-  """Relative error of the DRP (learned reference) against the exact DRS, per t-bin and K.
+def estimator_bias(toy: Toy, ref_params, table, key) -> dict:
+  """E[T_est] / E[T_exact] per t-bin for every DRS estimator (DRP at each eval K, snis, hybrid),
+  with the run's learned reference and with the exact one, x_t from q_t (x0 ~ q0).
 
-  States are x_t = a x0 + s eps with x0 ~ q0: the DRS is an expectation under the reference
-  posterior, so its estimator is judged where the reference has its mass (independent of how the
-  aligned generator ended up). Also reports |(s^2/a) DRS|, the size of the target-denoiser shift.
+  The DRS is an expectation under the reference posterior, so an estimator is judged where the
+  reference has its mass, independently of where the aligned generators ended up.
   """
-  cfg, problem, task = toy.cfg, toy.problem, toy.task
-  n, bins = cfg.eval.drp_bias_samples, cfg.eval.t_bins
-  lo, hi = cfg.align.gen_t_range
-  kz, kt, ke = jax.random.split(key, 3)
-  x0 = problem.sample_q0(kz, n)   # small: computed replicated on every process
-  edges = np.linspace(lo, hi, bins + 1)
-  # Stratified t: n / bins samples per bin.
-  u = jax.random.uniform(kt, (bins, n // bins))
-  t = (jnp.asarray(edges[:-1])[:, None] + u * (edges[1] - edges[0])).reshape(-1)
-  x0 = x0[: t.shape[0]]
-  a, s = toy.schedule.alpha_sigma(t)
-  x_t = a[:, None] * x0 + s[:, None] * jax.random.normal(ke, x0.shape)
-  exact = task.exact_drs(x_t, t, None)
-  ref = task.denoiser(jax.tree.map(sharding.to_host, ref_params))   # local copy on every process
-  shift = np.asarray(jnp.linalg.norm(exact, axis=-1) * s ** 2 / a).reshape(bins, -1).mean(1)
-  out = {"t_edges": edges.tolist(), "beta": float(cfg.toy.beta), "states": "x0 ~ q0",
-         "metric": "mean |DRP - DRS| / mean |DRS| per t-bin", "drs_shift_mean": shift.tolist(), "K": {}}
-  for k in cfg.eval.drp_bias_ks:
-    est = jax.jit(lambda x, tt: drp_estimate(ref, lambda y, c: problem.reward(y), toy.schedule,
-                                             x, tt, None, int(k), float(cfg.toy.beta))[0])(x_t, t)
-    err = np.asarray(jnp.linalg.norm(est - exact, axis=-1)).reshape(bins, -1)
-    mag = np.asarray(jnp.linalg.norm(exact, axis=-1)).reshape(bins, -1)
-    out["K"][str(int(k))] = [float(e) for e in err.mean(1) / np.maximum(mag.mean(1), 1e-12)]
+  cfg, problem = toy.cfg, toy.problem
+  base = dataclasses.replace(objective_config(cfg, "didr_snis"), snis_rows=0)   # every row
+  variants = {}
+  if problem.differentiable:     # the DRP (and hybrid) need the reward's gradient
+    variants = {f"drp_k{int(k)}": dataclasses.replace(base, drs="drp", drp_k=int(k), drp_t_max=-1.0)
+                for k in cfg.eval.drp_bias_ks}
+    variants["hybrid"] = dataclasses.replace(base, drs="hybrid")
+  variants["snis"] = base
+  learned = toy.task.denoiser(jax.tree.map(sharding.to_host, ref_params))   # a local copy
+  learned_table = None if table is None else jax.tree.map(sharding.to_host, table)
+  exact_table = (drs_bias.exact_table(problem, toy.schedule, jax.random.fold_in(key, 1))
+                 if base.needs_drs_table else None)
+  kw = dict(t_range=tuple(cfg.align.gen_t_range), bins=cfg.eval.t_bins,
+            per_bin=cfg.eval.drp_bias_samples // cfg.eval.t_bins)
+  out = {"states": "x_t = a x0 + s eps, x0 ~ q0", "beta": float(cfg.toy.beta),
+         "metric": "ratio = E[T_est] / E[T_exact] per t-bin, T = (s^2/a) DRS; integrated_bias = "
+                   "sum(E T_est - E T_exact) / sum(E T_exact); rel_std = sqrt(E Var T_est) / rms T_exact",
+         "learned_reference": {}, "exact_reference": {}}
+  for name, obj in variants.items():
+    out["learned_reference"][name] = drs_bias.bias_per_bin(obj, problem, toy.schedule,
+                                                           learned_table, key, ref=learned, **kw)
+    out["exact_reference"][name] = drs_bias.bias_per_bin(obj, problem, toy.schedule, exact_table,
+                                                         key, **kw)
   return out
 
 
@@ -247,6 +268,9 @@ def run(cfg, workdir: str) -> dict:
     for name in ("reference", "generator_init"):
       results[name] = sample_metrics(toy.problem, samples[name])
     os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+    didr = [m for m in cfg.methods if m.startswith("didr")]
+    table = (drs_table(toy, ref_params, workdir)
+             if didr and objective_config(cfg, "didr_snis").needs_drs_table else None)
     for method in cfg.methods:
       done = os.path.join(workdir, "methods", f"{method}.npz")
       if os.path.exists(done):
@@ -255,18 +279,20 @@ def run(cfg, workdir: str) -> dict:
         log.info("[%s] already finished; reusing %s", method, done)
       else:
         t1 = time.time()
-        state = align(toy, method, ref_params, gen_params, ckpts[method], writer, stop)
+        state = align(toy, method, ref_params, gen_params, ckpts[method], writer, stop, table)
         samples[method] = sharding.to_host(jax.jit(toy.generate)(state.gen_params, eval_z))
         wall = time.time() - t1
-        if method == "didr_drp":
-          bias = drp_bias(toy, ref_params, jax.random.PRNGKey(cfg.seed + 200))
-          if jax.process_index() == 0:
-            with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
-              json.dump(bias, f, indent=2)
         if jax.process_index() == 0:
           np.savez(done + ".tmp.npz", samples=samples[method], wall_s=wall)
           os.replace(done + ".tmp.npz", done)
       results["methods"][method] = dict(sample_metrics(toy.problem, samples[method]), wall_s=wall)
+    if didr:
+      t1 = time.time()
+      bias = estimator_bias(toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
+      log.info("estimator bias measured in %.0fs", time.time() - t1)
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
+          json.dump(bias, f, indent=2)
   for c in ckpts.values():
     c.close()
   writer.close()

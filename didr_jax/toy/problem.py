@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from didr_jax.objectives import GaussianMixture
+from didr_jax.objectives import GaussianMixture, gauss_hermite_log_mgf, step_log_mgf
+
+REWARDS = ("sigmoid", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,23 +17,52 @@ class ToyProblem:
   mixture: GaussianMixture
   tau: float
   beta: float
+  reward_kind: str = "sigmoid"
 
   @classmethod
   def from_config(cls, toy):
     means = tuple(tuple(float(v) for v in m) for m in toy.means)
     return cls(GaussianMixture(means, tuple(map(float, toy.stds)), tuple(map(float, toy.weights))),
-               float(toy.tau), float(toy.beta))
+               float(toy.tau), float(toy.beta), str(toy.reward))
 
   @property
   def dim(self) -> int:
     return self.mixture.dim
 
+  @property
+  def differentiable(self) -> bool:
+    """The step reward's gradient is zero almost everywhere: no method may differentiate it."""
+    return self.reward_kind == "sigmoid"
+
   def reward1d(self, x1):
+    """sigmoid(x1 / tau), or the decision boundary 1[x1 > 0] itself."""
+    if self.reward_kind == "step":
+      return (x1 > 0).astype(jnp.float32)
     return jax.nn.sigmoid(x1 / self.tau)
 
   def reward(self, x):
-    """r(x) = sigmoid(x[..., 0] / tau)."""
+    """r(x) = reward1d(x[..., 0])."""
     return self.reward1d(x[..., 0])
+
+  def log_mgf(self, m, v):
+    """log E_{N(m, v)} exp(r(x)/beta): the exact per-component factor of the DRS."""
+    if self.reward_kind == "step":
+      return step_log_mgf(self.beta)(m, v)
+    return gauss_hermite_log_mgf(self.reward1d, self.beta)(m, v)
+
+  def sample_p_star(self, key, n: int):
+    """n exact samples of p* = q0 exp(r/beta)/Z by rejection from q0 (r <= 1, so exp((r-1)/beta)
+    <= 1 is the acceptance probability), drawn in rounds until n are accepted."""
+    out, need, i = [], n, 0
+    while need > 0:
+      k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+      x = self.sample_q0(k1, 4 * need + 64)
+      acc = jax.random.uniform(k2, (x.shape[0],)) < jnp.exp((self.reward(x) - 1.0) / self.beta)
+      x = np.asarray(x)[np.asarray(acc)][:need]
+      out.append(x)
+      need -= len(x)
+      i += 1
+    return jnp.asarray(np.concatenate(out))
 
   def sample_q0(self, key, n: int):
     mu, sd, w = self.mixture.arrays

@@ -7,8 +7,10 @@ import jax
 
 from didr_jax.diffusion.schedules import make_schedule
 from didr_jax.sharding import RULES
+from didr_jax.toy.experiment import objective_config
 
-TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "distar")
+TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "didr_snis", "didr_hybrid", "distar")
+TOY_REWARDS = ("sigmoid", "step")
 
 
 from didr_jax.errors import ConfigError  # noqa: E402  (re-exported: validate.ConfigError)
@@ -37,6 +39,8 @@ def validate(cfg) -> None:
     _fail("toy.beta", f"must be > 0, got {toy.beta}")
   if toy.tau <= 0:
     _fail("toy.tau", f"must be > 0, got {toy.tau}")
+  if toy.reward not in TOY_REWARDS:
+    _fail("toy.reward", f"unknown {toy.reward!r}; choose from {TOY_REWARDS}")
   if cfg.objective.drp_k < 1:
     _fail("objective.drp_k", f"K must be >= 1, got {cfg.objective.drp_k}")
   if any(kk < 1 for kk in cfg.eval.drp_bias_ks):
@@ -48,6 +52,17 @@ def validate(cfg) -> None:
     _fail("methods", f"unknown {unknown}; choose from {TOY_METHODS}")
   if len(set(cfg.methods)) != len(cfg.methods):
     _fail("methods", f"lists a method twice: {cfg.methods}")
+  rows = cfg.objective.snis_rows
+  if 0 < rows < cfg.align.batch and cfg.align.batch % rows:
+    _fail("objective.snis_rows", f"{rows} must divide align.batch={cfg.align.batch} (or be 0)")
+  for method in cfg.methods:
+    try:
+      obj = objective_config(cfg, method)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+    if obj.needs_reward_grad and toy.reward == "step":
+      _fail("methods", f"{method!r} differentiates the reward, but toy.reward='step' has zero "
+                       "gradient almost everywhere; use didr_exact, didr_snis or di")
   try:
     sched = make_schedule(cfg.schedule)
   except ValueError as e:

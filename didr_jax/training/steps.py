@@ -88,12 +88,16 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
   def constrain(x):
     return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-  def draw(state, t_range):
-    """(new rng, batch of z, t, eps) for one update; microbatches are slices of this batch."""
-    rng, kz, kt, ke = jax.random.split(state.rng, 4)
+  def draw(state, t_range, row_keys=False):
+    """(new rng, batch of z, t, eps [, per-row keys]) for one update; microbatches are slices of
+    this batch. Per-row keys (stochastic DRS estimators) come from a fifth split, so the other
+    draws are the same as without them."""
+    rng, kz, kt, ke, *kd = jax.random.split(state.rng, 5 if row_keys else 4)
     batch = {"z": constrain(jax.random.normal(kz, shape)),
              "t": task.sample_t(kt, step_cfg.batch_size, t_range),
              "eps": constrain(jax.random.normal(ke, shape))}
+    if row_keys:
+      batch["keys"] = jax.random.split(kd[0], step_cfg.batch_size)
     return rng, batch
 
   def ta_update(state: TrainState, frozen, cond):
@@ -110,7 +114,7 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
     return state.replace(ta_params=params, ta_opt=opt, rng=rng), metrics
 
   def gen_update(state: TrainState, frozen, cond):
-    rng, batch = draw(state, task.gen_t_range)
+    rng, batch = draw(state, task.gen_t_range, row_keys=obj.stochastic_drs)
     ref = task.denoiser(jax.lax.stop_gradient(frozen["ref"]), obj.cfg_w)
     ta = task.denoiser(jax.lax.stop_gradient(state.ta_params))
     reward = lambda x0, c: task.reward_apply(jax.lax.stop_gradient(frozen), x0, c)
@@ -119,7 +123,8 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
       return generator_loss(obj, generate=lambda zz, c: task.generator_apply(p, zz, c), ta=ta,
                             ref=ref, reward=reward, schedule=task.schedule, z=constrain(mb["z"]),
                             cond=mb["cond"], t=mb["t"], eps=constrain(mb["eps"]),
-                            exact_drs=task.exact_drs)
+                            exact_drs=task.exact_drs, keys=mb.get("keys"),
+                            drs_table=frozen.get("drs_table"))
 
     (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.gen_params,
                                                         dict(batch, cond=cond), n_micro)
