@@ -1,9 +1,9 @@
-"""The real LAION aesthetic head (a PyTorch .pth, e.g. ../shared/data/laion_aesthetic_v2_linearMSE.pth):
+"""The real LAION aesthetic head (a PyTorch .pth, e.g. laion_aesthetic_v2_linearMSE.pth):
 converted with ``didr_jax.convert`` and scored by our JAX head against the PyTorch MLP on the same
 random unit embeddings. A check of real weights, kept out of the test suite because the file is not
 part of the repository (the head's parity on random weights is tests/test_rewards.py's).
 
-    PYTHONPATH=. python benchmarks/real_aesthetic_head.py [--pth PATH] [--n 64]
+    PYTHONPATH=. python benchmarks/real_aesthetic_head.py --pth PATH [--n 64]
 
 Needs the test dependencies (torch). Exits 1 when the two disagree beyond 1e-5.
 """
@@ -16,13 +16,11 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DEFAULT_PTH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                           "laion_aesthetic_v2_linearMSE.pth")
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--pth", default=DEFAULT_PTH)
+  ap.add_argument("--pth", required=True, help="the LAION aesthetic head .pth")
   ap.add_argument("--n", type=int, default=64, help="random unit embeddings scored")
   args = ap.parse_args(argv)
   if not os.path.isfile(args.pth):

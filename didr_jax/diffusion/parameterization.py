@@ -1,6 +1,6 @@
 """Conversions between network outputs and (denoiser D, eps estimate, score); DDIM; CFG.
 
-With x_t = a x0 + s eps (METHOD.md section 1):
+With x_t = a x0 + s eps (docs/method.md section 1.2):
   eps  : D = (x - s out) / a          eps_hat = out
   x0   : D = out                      eps_hat = (x - a out) / s
   v    : D = a x - s v                eps_hat = s x + a v        (v = a eps - s x0, VP: a^2 + s^2 = 1)

@@ -1,4 +1,4 @@
-"""Forward processes x_t = a_t x0 + s_t eps (METHOD.md section 1).
+"""Forward processes x_t = a_t x0 + s_t eps (docs/method.md section 1.1).
 
 A :class:`Schedule` is a hashable, static description (closed over by jitted code); ``alpha_sigma``
 is a pure jnp function of t, so it works under jit, vmap and grad.

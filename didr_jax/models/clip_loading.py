@@ -166,7 +166,7 @@ def from_transformers(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32
     cfg = hf_text_config(d, projection_dim=d.get("projection_dim", 512) if with_proj else None,
                          where=where)
     # transformers 5 writes bare CLIPTextModel keys without the 'text_model.' prefix; 4.x files and
-    # WithProjection models keep it (MODELS.md 1.5).
+    # WithProjection models keep it (docs/models.md, "CLIP text encoders and towers").
     src = "text_model." if "text_model.embeddings.token_embedding.weight" in tensors else ""
     cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
     make = lambda: cls(cfg, rngs=nnx.Rngs(0), **kw)

@@ -1,6 +1,6 @@
 """Explicit weight tables from Hugging Face and OpenCLIP CLIP checkpoints into ``clip.py``'s tree.
 
-Two namings, one module tree (MODELS.md 5.3):
+Two namings, one module tree (docs/models.md, "CLIP text encoders and towers"):
 
 * Hugging Face ``CLIPModel`` / ``CLIPTextModel[WithProjection]`` / ``CLIPVisionModelWithProjection``
   (PickScore, openai/clip-vit-large-patch14, the SD/SDXL text encoders);

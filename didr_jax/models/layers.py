@@ -38,7 +38,7 @@ def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, dtype=
   """GroupNorm over NHWC; statistics are computed in float32 with the two-pass variance.
 
   Flax's default fast variance (E[x^2] - E[x]^2) drifts by ~1e-2 on large-mean inputs
-  (docs MODELS.md 1.2); torch uses the two-pass form.
+  (docs/models.md, "Numerics that parity depends on"); torch uses the two-pass form.
   """
   return nnx.GroupNorm(
       channels, num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,

@@ -2,8 +2,8 @@
 
 Attribute names equal the diffusers ones (``resnets``, ``attentions``, ``to_out.0``...) so that the
 mapping tables in ``unet_mapping.py`` / ``vae_mapping.py`` are mostly identity renames. Norm
-epsilons and activations follow docs MODELS.md 1.2: GroupNorm statistics in float32, exact-erf GELU
-in GEGLU, diffusers' sinusoidal timestep embedding.
+epsilons and activations follow docs/models.md ("Numerics that parity depends on"): GroupNorm
+statistics in float32, exact-erf GELU in GEGLU, diffusers' sinusoidal timestep embedding.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Generator pseudo-losses of DI, DI++, DI* and DIDR (METHOD.md section 3).
+"""Generator pseudo-losses of DI, DI++, DI* and DIDR (docs/method.md section 3).
 
 Each is a scalar whose gradient w.r.t. the generator parameters is the method's gradient.
 Networks arrive as closures over their (frozen or current) parameters:

@@ -1,6 +1,6 @@
 """Prompt conditioning: CLIP text encoders in JAX, SDXL add_time_ids, precomputed prompt tables.
 
-SDXL (MODELS.md 2.2): context = concat(enc1 penultimate, enc2 penultimate) [B, 77, 768 + 1280],
+SDXL (docs/models.md): context = concat(enc1 penultimate, enc2 penultimate) [B, 77, 768 + 1280],
 pooled = enc2 projected EOS feature, time_ids = (res, res, 0, 0, res, res); unconditional input =
 zeros for context and pooled, same time_ids. SD1.5: context = enc1 last hidden (after the final
 LN); unconditional = the encoding of "". The reward's token ids ride along in the cond pytree.

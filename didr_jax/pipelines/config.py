@@ -1,4 +1,4 @@
-"""Config groups shared by ``configs/sdxl.py`` and ``configs/sd15.py`` (METHOD.md section 5 defaults).
+"""Config groups shared by ``configs/sdxl.py`` and ``configs/sd15.py`` (docs/method.md section 6).
 
 The real run reads a diffusers folder of the reference, a generator UNet (folder or safetensors),
 a reward and a prompt file; ``tiny`` builds random tiny models in memory (CI on CPU).
@@ -8,7 +8,7 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 BACKBONES = {
-    # label timestep of the one-step generator (MODELS.md 3.3), image size
+    # label timestep of the one-step generator (docs/method.md section 6), image size
     # cfg_w (augmented): 7.5 for SDXL (DI*, DMD2); SD1.5: DMD2's guidance 1.75 = 1 + 0.75
     "sdxl": dict(label_t=399, resolution=1024, cfg_w=7.5),
     "sd15": dict(label_t=999, resolution=512, cfg_w=0.75),

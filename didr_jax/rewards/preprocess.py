@@ -1,4 +1,6 @@
-"""Differentiable reward preprocessing (MODELS.md 5.2): [-1, 1] NHWC images -> normalised CLIP input.
+"""Differentiable reward preprocessing: [-1, 1] NHWC images -> normalised CLIP input.
+
+See docs/rewards.md, "Differentiable preprocessing and the official evaluation path".
 
 The official evaluation paths go uint8 -> PIL -> resize -> crop -> normalise. Training needs the
 same map as a JAX function of the pixels, so every step here is a float op inside the graph:

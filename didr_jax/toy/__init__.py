@@ -1,1 +1,1 @@
-"""The DIDR paper's toy experiment (METHOD.md section 4): the embedded default main job."""
+"""The DIDR paper's toy experiment (docs/method.md section 5): the embedded default main job."""

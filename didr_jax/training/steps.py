@@ -80,7 +80,8 @@ class AlignSteps(NamedTuple):
 def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_tx, ta_tx,
                     batch_sharding=None) -> AlignSteps:
   """The alignment steps. An outer step is k_ta TA updates then one generator update (plus EMA);
-  a TA warm-up step (METHOD.md 5: the TA catches up with a distilled generator before it moves)
+  a TA warm-up step (docs/method.md section 2: the TA catches up with a distilled generator
+  before it moves)
   does the TA updates only. Both advance ``state.step``, the data position."""
   shape = (step_cfg.batch_size,) + tuple(task.sample_shape)
   n_micro = step_cfg.grad_accum
