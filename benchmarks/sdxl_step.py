@@ -172,7 +172,7 @@ def main():
         extra = (kk - 2) * chain[mm]
     r["gflops_all"] = r["gflops"] * m + extra
   print(f"\none DRP step (guided reference forward + its rematerialised VJP), GFLOPs per device: "
-        f"{drp_call[n]:.2f} on {n} devices, {drp_call[1]:.2f} on 1")
+        + ", ".join(f"{v:.2f} on {d} device(s)" for d, v in sorted(drp_call.items())))
   print("\n| step | K | devices | grad_accum | ms/step | GFLOPs (all K steps) | GFLOP/s | peak MiB/device "
         "| args MiB/device | temp MiB/device | compile s |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
