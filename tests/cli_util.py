@@ -1,8 +1,11 @@
 """Shared helpers of the CLI and multi-process tests: interrupt a run with a signal once a log
-line appears; a free local port for a coordinator."""
+line appears (the whole run, or chosen processes of a multi-process run); a free local port for a
+coordinator."""
+import os
 import signal
 import socket
 import subprocess
+import threading
 
 
 def run_until_then_signal(cmd, *, cwd, env, marker: str, timeout: float, signum: int = signal.SIGTERM):
@@ -25,6 +28,48 @@ def run_until_then_signal(cmd, *, cwd, env, marker: str, timeout: float, signum:
     if proc.poll() is None:
       proc.kill()
   return proc.returncode, "".join(lines)
+
+
+def run_signalling_processes(cmd, *, cwd, env, schedule, timeout: float):
+  """Start ``cmd`` in its own process group; ``schedule`` is [(marker, pid_of), ...]: at the first
+  stderr line containing ``marker`` (in schedule order) send SIGTERM to the process ``pid_of()``
+  names (one task of a multi-process run). The whole group is killed after ``timeout`` seconds
+  (runs that wait on each other forever end there).
+
+  Returns (return code, all of stderr, markers whose signal reached a live process).
+  """
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True, start_new_session=True)
+  timed_out = threading.Event()
+
+  def kill_group():
+    timed_out.set()
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  killer = threading.Timer(timeout, kill_group)
+  killer.start()
+  lines, pending, delivered = [], list(schedule), []
+  try:
+    for line in proc.stderr:
+      lines.append(line)
+      while pending and pending[0][0] in line:
+        marker, pid_of = pending.pop(0)
+        try:
+          os.kill(pid_of(), signal.SIGTERM)
+          delivered.append(marker)
+        except ProcessLookupError:   # that process has already exited
+          pass
+    proc.wait()
+  finally:
+    killer.cancel()
+    if proc.poll() is None:
+      kill_group()
+      proc.wait()
+  if timed_out.is_set():
+    lines.append(f"\n[the run was killed after {timeout:.0f}s]\n")
+  return proc.returncode, "".join(lines), delivered
 
 
 def free_port() -> int:

@@ -59,8 +59,7 @@ def exported(workdir: str, name: str = "unet") -> dict[str, np.ndarray]:
 
 def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
   """Generator steps warmup+1..3 logged with finite losses (and ``keys``), a held-out eval, the
-  step-3 grid PNG and checkpoint, and generator + EMA exports that diffusers loads with the same
-  tensors."""
+  step-3 grid PNG and checkpoint, and generator + EMA exports."""
   rows = train_rows(workdir, method)
   assert sorted(rows) == list(range(warmup + 1, 4)), sorted(rows)
   for r in rows.values():
@@ -69,6 +68,12 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
   assert any("eval/reward_mean" in r for r in metrics(workdir))
   assert os.path.isfile(os.path.join(workdir, "grid_000003.png"))
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+  for name in ("unet", "unet_ema"):
+    assert exported(workdir, name), name
+
+
+def assert_diffusers_loads_export(workdir: str):
+  """diffusers loads the generator + EMA exports with the same tensors (imports torch: parity)."""
   from tests import clip_torch_env  # noqa: F401  (torchvision workaround before diffusers)
   from diffusers import UNet2DConditionModel
   for name in ("unet", "unet_ema"):
@@ -79,6 +84,17 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
     assert set(sd) == set(ours)
     np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
 
+
+def checkpoint_arrays(workdir: str, step: int) -> dict[str, np.ndarray]:
+  """{path: host array} of the whole TrainState a run saved at ``step`` (read without shardings)."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  reader = ocp.PyTreeCheckpointer()
+  tree = reader.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def max_export_diff(workdir_a: str, workdir_b: str) -> dict[str, float]:

@@ -9,14 +9,18 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-from flax import nnx
+
+pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from tests import torch_refs as R  # noqa: I001  (before diffusers: torchvision workaround)
 from didr_jax.models import diffusers_loading, from_diffusers
 from didr_jax.sharding import make_mesh
 from didr_jax.weights import (
     WeightFileError, WeightMismatchError, flat_state, read_safetensors, write_safetensors)
+
+pytestmark = pytest.mark.parity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -17,6 +17,7 @@ def _times(s: Schedule, n=7):
   return jnp.linspace(lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo), n)
 
 
+@pytest.mark.parity
 def test_discrete_schedule_matches_diffusers():
   from diffusers import DDPMScheduler
   for betas, start, end in (("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 2e-2)):

@@ -9,6 +9,7 @@ bounded as documented in README.md ("Differentiable preprocessing vs the officia
 import numpy as np
 import pytest
 
+pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 from tests import clip_torch_env  # noqa: F401  (before transformers: torchvision workaround)
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from PIL import Image
 
 from didr_jax.rewards import preprocess as pp
 from tests import reward_torch as rt
+
+pytestmark = pytest.mark.parity
 
 resize = jax.jit(pp.resize, static_argnums=(1, 2))
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 from tests import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
 from tests import reward_imagereward as ri
 from tests import reward_torch as rt
@@ -19,6 +20,8 @@ from didr_jax import rewards
 from didr_jax.models.clip_loading import CheckpointArchitectureError
 from didr_jax.text import TokenizerFilesError
 from didr_jax.weights.safetensors_io import write_safetensors
+
+pytestmark = pytest.mark.parity
 
 PROMPTS = ["a photo of a red cat", "an astronaut riding a horse on the moon"]
 # name: (score kind of the torch reference, preprocessing mode, input height, width)
@@ -72,7 +75,6 @@ def _images(h, w, seed=0, batch=2):
   return np.random.default_rng(seed).uniform(-0.9, 0.9, (batch, h, w, 3)).astype(np.float32)
 
 
-@pytest.mark.parity
 @pytest.mark.parametrize("name", list(CASES))
 def test_reward_matches_torch_scores_and_pixel_grads(setup, name):
   kind, mode, h, w = CASES[name]

@@ -45,7 +45,7 @@ def test_sigterm_saves_and_exits_zero_then_reruns_resume(runs):
   assert "[didr] step 3/3" in logs["resumed"] and "[didr] step 1/3" not in logs["resumed"]
 
 
-def test_outputs_metrics_grid_checkpoint_and_diffusers_export(runs):
+def test_outputs_metrics_grid_checkpoint_and_export(runs):
   _, straight, logs = runs
   t2i_cli.assert_complete_run(straight, "didr", keys=("didr/reward", "didr/reward_std",
                                                       "didr/drp_reward", "didr/drs_grad_norm"))
@@ -56,6 +56,12 @@ def test_outputs_metrics_grid_checkpoint_and_diffusers_export(runs):
   perf = [r for r in rows if "perf/step_time_s" in r]
   assert perf and all(r["perf/images_per_s"] > 0 for r in perf)
   assert "compiled align/didr" in logs["straight"] and "ETA" in logs["straight"]
+
+
+@pytest.mark.parity
+def test_diffusers_loads_the_export(runs):
+  _, straight, _ = runs
+  t2i_cli.assert_diffusers_loads_export(straight)
 
 
 def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(runs):

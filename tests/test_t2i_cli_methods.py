@@ -38,6 +38,12 @@ def test_method_runs_three_steps_and_exports(method_runs, method):
       "the DRS ratio is a DIDR metric"
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize("method", sorted(METHOD_KEYS))
+def test_diffusers_loads_the_exports(method_runs, method):
+  t2i_cli.assert_diffusers_loads_export(method_runs(method)[0])
+
+
 def test_ta_warmup_trains_the_ta_and_leaves_the_generator(method_runs, tmp_path):
   """align.ta_warmup_steps=1: step 1 logs TA metrics only, and its checkpoint still holds the
   initial generator (generator == its EMA, which only generator steps move); step 2 moves both."""

@@ -211,6 +211,7 @@ def test_sd15_tiny_generator_reward_and_uncond():
     np.testing.assert_allclose(sharding.to_host(conds["context"])[i], direct, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parity
 def test_real_run_loaders_on_disk_folders(tmp_path):
   """The default (real) config over on-disk diffusers / transformers folders of tiny models:
   validation passes, every loader runs, and generator + VAE + reward give finite scores."""

@@ -1,5 +1,6 @@
 """The functional trainer: sharded == 1 device, 2 processes == 1 process, exact resume, NaN guard."""
 import os
+import re
 import subprocess
 import sys
 
@@ -185,23 +186,99 @@ def test_gradient_accumulation_equals_full_batch(method):
     StepConfig(64, 1, grad_accum=3)
 
 
-def test_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
-  """When orbax reports the cluster's preemption sync point, the loop saves that step and stops."""
-  from didr_jax.training.checkpoint import Checkpointer
-  from didr_jax.training.loop import Preempted, run_chunks
+class FakeSyncPoint:
+  """JAX's preemption sync protocol on one process (xla/tsl preemption_sync_manager.cc): the notice,
+  here after ``notice_after`` calls, sets the sync point to the last counter passed + 1, and only a
+  call with exactly that counter returns True."""
+
+  def __init__(self, notice_after: int):
+    self.notice_after, self.point, self.calls = notice_after, None, []
+
+  def __call__(self, counter):
+    if self.point is None and len(self.calls) == self.notice_after:
+      self.point = (self.calls[-1] if self.calls else 0) + 1
+    self.calls.append(counter)
+    return counter == self.point
+
+
+def _fit_state(step: int):
   from didr_jax.training.state import FitState
-  state = FitState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, opt=(),
-                   rng=jax.random.PRNGKey(0))
-  chunk = lambda s, frozen, conds: (s.replace(step=s.step + 1, params={"w": s.params["w"] * 2}), {})
-  ck = Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=2, save_every=100,
-                    async_save=True)
-  notices = []
-  monkeypatch.setattr(ck.manager, "reached_preemption", lambda step: notices.append(step) or step >= 2)
-  with pytest.raises(Preempted, match="stopped by a preemption notice at step 2"):
-    run_chunks(name="p", state=state, frozen=None, chunk=chunk, steps_per_chunk=1, num_steps=5,
-               conds_for=lambda s: None, checkpointer=ck, writer=None)
-  assert sorted(set(notices)) == [1, 2]     # asked after every chunk (orbax asks too, inside save)
+  return FitState(step=jnp.full((), step, jnp.int32), params={"w": jnp.ones(3)}, opt=(),
+                  rng=jax.random.PRNGKey(0))
+
+
+def _doubling_run(tmp_path, *, start: int, stop=None):
+  """run_chunks of a state that doubles ``w`` per step, chunks of 2 steps from ``start`` to 12,
+  checkpoints only when forced; returns the Checkpointer."""
+  from didr_jax.training.checkpoint import Checkpointer
+  from didr_jax.training.loop import run_chunks
+  state = _fit_state(start)
+  chunk = lambda s, frozen, conds: (s.replace(step=s.step + 2, params={"w": s.params["w"] * 4}), {})
   ck = Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=2, save_every=100)
-  assert ck.latest_step() == 2
-  np.testing.assert_array_equal(ck.restore(state).params["w"], np.full(3, 4.0))
+  run_chunks(name="p", state=state, frozen=None, chunk=chunk, steps_per_chunk=2, num_steps=12,
+             conds_for=lambda s: None, checkpointer=ck, writer=None, stop=stop)
+  return ck
+
+
+def test_preemption_notice_saves_and_stops(tmp_path, monkeypatch):
+  """JAX's preemption sync point is met although chunks advance the step by 2 and the run resumed
+  at step 4: the loop counts its calls (one per chunk) instead of passing steps, and orbax does
+  not ask on its own. The run saves the step it reached and stops."""
+  from jax.experimental import multihost_utils
+  from didr_jax.training.checkpoint import PREEMPTION, Checkpointer
+  from didr_jax.training.loop import Preempted
+  sync = FakeSyncPoint(notice_after=2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync)
+  first = PREEMPTION.calls + 1
+  with pytest.raises(Preempted, match="stopped by a preemption notice at step 10; checkpoint saved"):
+    _doubling_run(tmp_path, start=4)
+  assert sync.calls == [first, first + 1, first + 2]      # steps 6, 8, 10: once per chunk
+  ck = Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=2, save_every=100)
+  assert ck.manager.all_steps() == [10]
+  np.testing.assert_array_equal(ck.restore(_fit_state(0)).params["w"], np.full(3, 64.0))
   ck.close()
+
+
+def test_stop_is_decided_from_every_process_vote(tmp_path, monkeypatch):
+  """A SIGTERM caught by another process stops this one at the same chunk (the votes are gathered
+  across processes; here another process's vote is added to this one's), with a forced save."""
+  from didr_jax.training import loop
+  from didr_jax.training.loop import Preempted, StopSignal, stop_reason
+  monkeypatch.setattr(loop, "gather_votes", lambda local: np.stack([local, np.array([15, 0], np.int32)]))
+  with StopSignal() as stop, pytest.raises(
+      Preempted, match="stopped by signal 15 on process 1 at step 2; checkpoint saved"):
+    _doubling_run(tmp_path, start=0, stop=stop)
+  assert stop.signum is None
+  votes = lambda *rows: np.array(rows, np.int32)
+  assert stop_reason(votes([0, 0])) is None and stop_reason(votes([0, 0], [0, 0])) is None
+  assert stop_reason(votes([15, 0])) == "signal 15"
+  assert stop_reason(votes([0, 0], [0, 1])) == "a preemption notice"
+  assert stop_reason(votes([2, 0], [15, 1])) == "signal 2 on processes 0, 1"
+
+
+@pytest.mark.multiprocess
+def test_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """2 processes: rank 1 alone gets SIGTERM, which JAX's notifier turns into a preemption notice
+  (no StopSignal here); both meet the sync point at the same chunk, save it and stop."""
+  port, ckpt = free_port(), str(tmp_path / "ckpt")
+  procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "x.npz"), "--method=di", "--steps=8",
+                             "--devices=2", f"--rank={r}", "--nproc=2", f"--port={port}",
+                             f"--ckpt={ckpt}", "--sigterm_rank=1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for r in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      out, _ = p.communicate()
+    outs.append(out)
+  steps = []
+  for r, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    found = re.findall(rf"worker preempted {r} \[di\] stopped by a preemption notice at step (\d+)", out)
+    assert len(found) == 1, out[-3000:]
+    steps.append(int(found[0]))
+  assert steps[0] == steps[1] < 8, steps
+  assert max(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps[0]

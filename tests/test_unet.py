@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
+
+pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from tests import torch_refs as R  # noqa: I001  (before torch: torchvision workaround)
 from didr_jax.models import from_diffusers, to_diffusers
@@ -17,6 +19,8 @@ from didr_jax.models.unet import UNetConfig
 from didr_jax.models.unet_blocks import nearest_resize, timestep_embedding
 from didr_jax.models.unet_mapping import unet_rules
 from didr_jax.sharding import get_rules, single_device_mesh
+
+pytestmark = pytest.mark.parity
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
+import torch  # noqa: E402
 
 from tests import torch_refs as R  # noqa: I001  (before diffusers: torchvision workaround)
 from didr_jax.models import from_diffusers, to_diffusers
@@ -15,6 +17,8 @@ from didr_jax.models.vae import VAEConfig
 from didr_jax.models.vae_mapping import vae_rules
 from didr_jax.sharding import get_rules, single_device_mesh
 from didr_jax.weights import flat_state, read_safetensors, write_safetensors
+
+pytestmark = pytest.mark.parity
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 

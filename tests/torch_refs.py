@@ -1,7 +1,8 @@
 """Tiny PyTorch diffusers reference models for the parity tests (test-only; imports torch).
 
-Configs follow docs MODELS.md sections 2.1 and 6; channel counts are multiples of 8 so that the
-sharded-loading test can split most parameters over 8 devices.
+Configs are tiny versions of the real SD1.5 / SDXL configs (docs/models.md, "Parity with PyTorch");
+channel counts are multiples of 8 so that the sharded-loading test can split most parameters over 8
+devices.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def build_vae(config: dict, seed: int = 0):
 
 def unet_inputs(config: dict, batch: int = 2, size: int = 16, seed: int = 0,
                 scalar_timestep: bool = False) -> dict:
-  """NHWC numpy inputs for a UNet config (roughly zero-mean, docs MODELS.md 1.2)."""
+  """NHWC numpy inputs for a UNet config, roughly zero-mean (docs/models.md, "Numerics that parity
+  depends on")."""
   rng = np.random.default_rng(seed)
   cross = config["cross_attention_dim"]
   inputs = dict(

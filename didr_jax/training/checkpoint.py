@@ -6,6 +6,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from didr_jax.training.state import abstract_of
@@ -35,6 +36,32 @@ def _normalise(d):
   return json.loads(json.dumps(d))
 
 
+class PreemptionCounter:
+  """JAX's preemption sync point, asked with a process-wide call counter.
+
+  A preemption notice (on clusters: a SIGTERM that reaches JAX's own handler, i.e. outside the
+  loop's ``StopSignal``, e.g. while models load) sets the sync point to (the largest counter any
+  process has passed) + 1, and only a call with exactly that counter returns True. Training steps
+  are no such counter: chunks advance them by ``steps_per_chunk``, each phase restarts them, and a
+  resumed run starts past a point set before its first chunk. Counting the calls themselves (one
+  per chunk, on every process) always meets it at the next chunk. False on one process, or when
+  the preemption service is off.
+  """
+
+  def __init__(self):
+    self.calls = 0
+
+  def reached(self) -> bool:
+    self.calls += 1
+    try:
+      return bool(multihost_utils.reached_preemption_sync_point(self.calls))
+    except RuntimeError:   # jax_enable_preemption_service is off
+      return False
+
+
+PREEMPTION = PreemptionCounter()
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, identity: dict, max_to_keep: int, save_every: int,
                async_save: bool = True):
@@ -43,12 +70,12 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            # every N steps, and at a preemption notice (JAX's distributed preemption sync point on
-            # managed TPU/GPU clusters; "no preemption" when that service is off)
-            save_decision_policy=policies.AnySavePolicy(
-                [policies.PreemptionCheckpointingPolicy(), policies.FixedIntervalPolicy(save_every)]),
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
             preservation_policy=policies.LatestN(max_to_keep),
             enable_async_checkpointing=async_save, create=True))
+    # The training loop asks JAX's preemption sync point (reached_preemption below) and forces the
+    # save itself. Orbax must not ask it as well: it would pass training steps as the sync counter.
+    self.manager.reached_preemption = lambda step: False
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -85,9 +112,10 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)
 
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process once the cluster announced a preemption (save, then stop)."""
-    return bool(self.manager.reached_preemption(step))
+  def reached_preemption(self) -> bool:
+    """True once JAX's preemption sync point is reached (save, then stop); every process calls this
+    at the same points of training (once per chunk). See ``PreemptionCounter``."""
+    return PREEMPTION.reached()
 
   def close(self):
     self.manager.wait_until_finished()

@@ -1,11 +1,19 @@
-"""The outer training loop: chunks of jitted steps, logging, checkpoints, SIGTERM/Ctrl-C saves."""
+"""The outer training loop: chunks of jitted steps, logging, checkpoints, SIGTERM/Ctrl-C saves.
+
+Stopping is decided collectively: after every chunk each process contributes its vote (a signal it
+caught, JAX's preemption sync point) and every process acts on the gathered votes, so all of them
+save the same step and stop together even when a scheduler's SIGTERM reaches the hosts at
+different times (one host alone in the collective save would wait for the others forever).
+"""
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 from typing import Callable
 
 import jax
+import numpy as np
 
 from didr_jax.sharding import to_host
 from didr_jax.training.metrics import MetricWriter, Progress, reduce_chunk_metrics
@@ -20,7 +28,12 @@ class NonFiniteError(FloatingPointError):
 
 
 class StopSignal:
-  """Turns SIGTERM and SIGINT into a flag checked between chunks (main thread only)."""
+  """Turns SIGTERM and SIGINT into a flag checked between chunks (main thread only).
+
+  Leaving the block with ``Preempted`` (the stop is under way on every process) ignores SIGTERM
+  from then on: a scheduler fanning the signal out late to this host must not turn the clean exit
+  after the saved checkpoint into a kill.
+  """
 
   def __init__(self):
     self.signum = None
@@ -35,14 +48,58 @@ class StopSignal:
   def _handler(self, signum, frame):
     self.signum = signum
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, exc, tb):
+    stopping = exc_type is not None and issubclass(exc_type, Preempted)
     for sig, prev in self._previous.items():
-      signal.signal(sig, prev)
+      signal.signal(sig, signal.SIG_IGN if stopping and sig == signal.SIGTERM else prev)
     return False
 
   @property
   def requested(self) -> bool:
     return self.signum is not None
+
+
+def gather_votes(local: np.ndarray) -> np.ndarray:
+  """Every process's vector ``local`` (same shape everywhere) as rows of one array, on every process.
+
+  A collective: every process calls it at the same point of the loop.
+  """
+  if jax.process_count() == 1:
+    return local[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local))
+
+
+def stop_reason(votes: np.ndarray) -> str | None:
+  """Why to stop, from the gathered ``[process, (signal number or 0, preemption notice)]`` votes
+  (the same on every process, so every process takes the same decision); None: go on."""
+  signalled = np.flatnonzero(votes[:, 0])
+  if signalled.size:
+    reason = f"signal {int(votes[signalled[0], 0])}"
+    if len(votes) > 1:
+      word = "process" if signalled.size == 1 else "processes"
+      reason += f" on {word} {', '.join(str(p) for p in signalled)}"
+    return reason
+  if votes[:, 1].any():
+    return "a preemption notice"
+  return None
+
+
+_START_BARRIERS = itertools.count()
+START_TIMEOUT_S = 2 * 3600   # the longest another host may still be compiling the chunk
+
+
+def start_together(name: str, step: int):
+  """Every process enters the first chunk together (a coordination-service barrier, no device
+  collective). A host that loads the chunk from the persistent compilation cache can otherwise
+  reach the first collective minutes before a host that compiles it (only process 0 writes the
+  cache, and on CPU the others' cache keys differ), and CPU collectives (gloo) give up on a peer
+  that is 30 s late when they first connect."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  key = f"didr_jax_start_{next(_START_BARRIERS)}_{name}_{step}"
+  multihost.get_barrier_sync_fn()(key=key, timeout_ms=START_TIMEOUT_S * 1000)
 
 
 def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: int, num_steps: int,
@@ -52,9 +109,13 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
   """Run ``chunk`` until ``state.step == num_steps``; returns the final state.
 
   ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``.
-  ``max_bad_steps`` > 0 stops with NonFiniteError after that many consecutive skipped updates.
+  ``max_bad_steps`` > 0 stops with NonFiniteError after that many consecutive skipped updates
+  (``bad_steps`` is replicated on every device, so every process stops at the same step).
+  Every process must call this with the same arguments: the stop votes are gathered after each chunk.
   """
   step = int(to_host(state.step))
+  if step < num_steps:
+    start_together(name, step)
   progress = Progress(name, num_steps, step)
   n_chunk = 0
   while step < num_steps:
@@ -75,11 +136,11 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
       on_chunk(step, state, host)
     if checkpointer is not None:
       checkpointer.save(step, state, force=step >= num_steps)
-    reason = None
-    if stop is not None and stop.requested:
-      reason = f"signal {stop.signum}"
-    elif checkpointer is not None and step < num_steps and checkpointer.reached_preemption(step):
-      reason = "a preemption notice"
+    if stop is None and checkpointer is None:
+      continue                                    # nothing to stop for (the same on every process)
+    notice = checkpointer is not None and checkpointer.reached_preemption() and step < num_steps
+    signum = stop.signum if stop is not None and stop.requested else 0
+    reason = stop_reason(gather_votes(np.array([signum, int(notice)], np.int32)))
     if reason is not None:
       if checkpointer is not None:
         checkpointer.save(step, state, force=True)
