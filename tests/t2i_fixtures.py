@@ -11,6 +11,16 @@ from didr_jax.training.steps import compile_chunk, scan_chunk
 _CHUNKS = {}
 
 
+def fast_compiles():
+  """XLA CPU compiles dominate the t2i tests; optimisations buy nothing at tiny shapes (use as a
+  module-scoped autouse fixture)."""
+  import jax
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def tiny_config(method: str):
   cfg = get_config("tiny")
   cfg.method = method

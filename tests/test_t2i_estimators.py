@@ -17,12 +17,7 @@ from didr_jax.training.drs_table import TableFileError, persisted_variance_table
 from tests import t2i_fixtures as tf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+_fast_compiles = pytest.fixture(scope="module", autouse=True)(tf.fast_compiles)
 
 
 @pytest.fixture(scope="module")

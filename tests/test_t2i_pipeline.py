@@ -22,13 +22,7 @@ from tests import t2i_fixtures as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA CPU compiles dominate these tests; optimisations buy nothing at tiny shapes."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+_fast_compiles = pytest.fixture(scope="module", autouse=True)(tf.fast_compiles)
 
 
 @pytest.fixture(scope="module")
