@@ -48,7 +48,7 @@ def test_sigterm_saves_and_exits_zero_then_reruns_resume(runs):
 def test_outputs_metrics_grid_checkpoint_and_export(runs):
   _, straight, logs = runs
   t2i_cli.assert_complete_run(straight, "didr", keys=("didr/reward", "didr/reward_std",
-                                                      "didr/drp_reward", "didr/drs_grad_norm"))
+                                                      "didr/snis_ess", "didr/drs_grad_norm"))
   rows = t2i_cli.metrics(straight)
   for r in t2i_cli.train_rows(straight, "didr").values():   # DRS-to-KL gradient ratio per t-bin
     ratios = {k: v for k, v in r.items() if k.startswith("didr/drs_to_kl/t")}
