@@ -23,3 +23,19 @@ def pytest_collection_modifyitems(config, items):
   at once on separate workers and the quick files fill in behind them, instead of a long file
   starting last and running alone."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+PARITY_MODULE_LINE = "\npytestmark = pytest.mark.parity\n"
+
+
+def pytest_ignore_collect(collection_path, config):
+  """Under ``-m "not parity"`` the parity modules (module-level ``pytestmark = pytest.mark.parity``:
+  they import PyTorch at import time) are not imported: none of their tests could be selected, and
+  a machine without PyTorch collects the rest. Everywhere else a missing PyTorch fails their
+  import, as a missing dependency must (no skip)."""
+  if "not parity" not in (config.getoption("markexpr") or ""):
+    return None
+  if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+    if PARITY_MODULE_LINE in collection_path.read_text():
+      return True
+  return None

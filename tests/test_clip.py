@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 from tests import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
 import torch
 

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 

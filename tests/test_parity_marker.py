@@ -163,23 +163,13 @@ def unmarked_torch_tests(modules: dict[str, Module]) -> list[str]:
 
 
 def unguarded_torch_modules(modules: dict[str, Module]) -> list[str]:
-  """Test modules that import torch at import time without ``pytest.importorskip("torch")`` first."""
+  """Test modules that import torch at import time without the exact module-level line
+  ``pytestmark = pytest.mark.parity`` that tests/conftest.py reads to leave them out of a
+  ``-m "not parity"`` collection."""
   analysis = Analysis(modules)
-  out = []
-  for m in modules.values():
-    if not (m.name.startswith("test_") and analysis.import_time(m.name)):
-      continue
-    guarded = False
-    for node in m.tree.body:
-      if "importorskip(" in ast.unparse(node) and "torch" in ast.unparse(node):
-        guarded = True
-      elif isinstance(node, (ast.Import, ast.ImportFrom)) and (
-          _needs_torch_import(node) or any(analysis.import_time(t.split(":")[0])
-                                           for t in _tests_modules_imported(node).values())):
-        break
-    if not guarded:
-      out.append(m.name)
-  return out
+  return [m.name for m in modules.values()
+          if m.name.startswith("test_") and analysis.import_time(m.name)
+          and m.pytestmark != "pytest.mark.parity"]
 
 
 def test_every_torch_test_is_marked_parity():
@@ -203,13 +193,15 @@ def test_the_check_finds_unmarked_torch_tests():
           "def test_convert():\n  run(['python', '-m', 'didr_jax.convert'])\n"
           "@pytest.mark.parity\ndef test_marked():\n  import torch\n"),
       "test_b": "import pytest\nfrom tests import helper\ndef test_any():\n  pass\n",
-      "test_c": ("import pytest\ntorch = pytest.importorskip('torch')\nfrom tests import helper\n"
+      "test_c": ("import pytest\nfrom tests import helper\n"
                  "pytestmark = [pytest.mark.slow, pytest.mark.parity]\ndef test_any():\n  pass\n"),
+      "test_d": ("import pytest\nfrom tests import helper\n"
+                 "pytestmark = pytest.mark.parity\ndef test_any():\n  pass\n"),
   }
   modules = {k: Module(k, ast.parse(v)) for k, v in src.items()}
   assert unmarked_torch_tests(modules) == [
       "test_a::test_fixture", "test_a::test_model", "test_a::test_convert", "test_b::test_any"]
-  assert unguarded_torch_modules(modules) == ["test_b"]
+  assert unguarded_torch_modules(modules) == ["test_b", "test_c"]
 
 
 def test_collecting_not_parity_works_without_torch():

@@ -9,7 +9,6 @@ bounded as documented in README.md ("Differentiable preprocessing vs the officia
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 from tests import clip_torch_env  # noqa: F401  (before transformers: torchvision workaround)
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 from tests import clip_fixtures as cf  # noqa: I001  (before transformers: torchvision workaround)
 from tests import reward_imagereward as ri
 from tests import reward_torch as rt

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")   # parity module: skipped where PyTorch is not installed
 import torch  # noqa: E402
 
 from tests import torch_refs as R  # noqa: I001  (before diffusers: torchvision workaround)
