@@ -107,7 +107,7 @@ def mixture_drs(mixture: GaussianMixture, log_mgf, x, a, s):
   return jax.grad(log_h)(x)
 
 
-def _drp_grid(schedule, t, j, k):
+def step_grid(schedule, t, j, k):
   """t_j = t j / K; rounded to an integer timestep on discrete schedules."""
   tj = t * (j / k)
   return jnp.round(tj) if schedule.kind == "discrete_vp" else tj
@@ -127,8 +127,8 @@ def drp_denoise(ref_denoise, schedule, x_t, t, cond, k: int):
     raise ValueError(f"DRP steps K must be >= 1, got {k}")
 
   def body(x, j):
-    d, eps_hat = ref_denoise(x, _drp_grid(schedule, t, j, k), cond)
-    a_next, s_next = schedule.alpha_sigma(_drp_grid(schedule, t, j - 1, k))
+    d, eps_hat = ref_denoise(x, step_grid(schedule, t, j, k), cond)
+    a_next, s_next = schedule.alpha_sigma(step_grid(schedule, t, j - 1, k))
     return jnp.where(j > 1, ddim_step(d, eps_hat, a_next, s_next), d).astype(x.dtype), None
 
   x0, _ = jax.lax.scan(jax.checkpoint(body), x_t, jnp.arange(k, 0, -1))

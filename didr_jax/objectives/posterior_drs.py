@@ -18,14 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from didr_jax.diffusion import at_least_f32, broadcast_to
+from didr_jax.objectives.drs import step_grid
 
 sg = jax.lax.stop_gradient
-
-
-def chain_grid(schedule, t, j, k):
-  """t_j = t j / K (rounded to an integer timestep on discrete schedules), as the DRP's grid."""
-  tj = t * (j / k)
-  return jnp.round(tj) if schedule.kind == "discrete_vp" else tj
 
 
 def variance_table(ref_denoise, schedule, x0, cond, key, t_grid):
@@ -119,7 +114,7 @@ def chain_start(ref_denoise, schedule, x_t, t, cond, keys, k: int, table=None,
                                   variance, table)
   else:
     v = table_variance(table if variance == "table" else None, t)
-  return _step_moments(schedule, x_t, d, v, t, chain_grid(schedule, t, k - 1, k), k == 1)
+  return _step_moments(schedule, x_t, d, v, t, step_grid(schedule, t, k - 1, k), k == 1)
 
 
 def chain_finish(ref_denoise, schedule, start, t, cond, keys, k: int, table=None,
@@ -134,10 +129,10 @@ def chain_finish(ref_denoise, schedule, start, t, cond, keys, k: int, table=None
   x = mean + std * _row_noise(keys, k, mean.shape[1:])
 
   def body(x, j):
-    tj = chain_grid(schedule, t, j, k)
+    tj = step_grid(schedule, t, j, k)
     d, v = _denoise_with_variance(ref_denoise, schedule, x, tj, cond, _probe_keys(keys, j),
                                   variance, table)
-    m, sd = _step_moments(schedule, x, d, v, tj, chain_grid(schedule, t, j - 1, k), j == 1)
+    m, sd = _step_moments(schedule, x, d, v, tj, step_grid(schedule, t, j - 1, k), j == 1)
     return (m + sd * _row_noise(keys, j, x.shape[1:])).astype(x.dtype), None
 
   x0, _ = jax.lax.scan(body, x, jnp.arange(k - 1, 0, -1))
