@@ -42,19 +42,13 @@ def fresh_state(pipe, cfg):
 
 
 def gen_chunk(pipe, cfg):
-  """(compiled one-step generator-update chunk, [trace count]), compiled once per (pipe, method)."""
+  """The ahead-of-time compiled one-step generator-update chunk, compiled once per (pipe, method)."""
   key = (id(pipe), cfg.method)
   if key not in _CHUNKS:
     parts = experiment.build_training(pipe, cfg)
-    traces = [0]
-
-    def counted(state, frozen, cond):
-      traces[0] += 1
-      return parts["gen_update"](state, frozen, cond)
     state = fresh_state(pipe, cfg)
-    chunk = compile_chunk(scan_chunk(counted, 1), state, pipe.frozen(), conds(pipe, 0), pipe.mesh,
-                          f"gen/{cfg.method}")
-    _CHUNKS[key] = (chunk, traces)
+    _CHUNKS[key] = compile_chunk(scan_chunk(parts["gen_update"], 1), state, pipe.frozen(),
+                                 conds(pipe, 0), pipe.mesh, f"gen/{cfg.method}")
   return _CHUNKS[key]
 
 

@@ -1,6 +1,6 @@
 """The text-to-image pipeline in-process on random tiny SDXL-shaped models.
 
-FSDP places 1/8 of every UNet, moment and EMA per device; the compiled step is traced once; a NaN
+FSDP places 1/8 of every UNet, moment and EMA per device; the compiled chunk runs 3 steps; a NaN
 reward is skipped, then stops the run naming it; bad inputs fail before any compilation with named
 errors; SD1.5 wiring; the real-run loaders on on-disk folders. The 8-device CLI runs of every
 method, resume and 1 vs 8 devices: tests/test_t2i_cli*.py.
@@ -53,14 +53,21 @@ def test_fsdp_shards_params_and_moments(pipe8):
     assert local / whole < 1.2 / 8, (name, local / whole)
 
 
-def test_no_retrace_across_steps(pipe1, dipp_chunk):
-  chunk, traces = dipp_chunk
+def test_compiled_chunk_runs_step_after_step(pipe1, dipp_chunk):
+  """The chunk is compiled ahead of time, so it cannot retrace: a state or cond of another shape,
+  dtype or sharding would be refused. It takes back the state it returns, with each step's conds,
+  for 3 steps, and moves the generator. (That the step keeps its state's avals under plain jit:
+  tests/test_value_level.py::test_jitted_outer_step_chunks_keep_their_avals.)"""
+  assert isinstance(dipp_chunk, jax.stages.Compiled)
   sampler = tf.sampler(pipe1.cfg)
-  state = run_chunks(name="r", state=tf.fresh_state(pipe1, pipe1.cfg), frozen=pipe1.frozen(),
-                     chunk=chunk, steps_per_chunk=1, num_steps=3,
+  state = tf.fresh_state(pipe1, pipe1.cfg)
+  before = [sharding.to_host(x) for x in jax.tree.leaves(state.gen_params)]
+  state = run_chunks(name="r", state=state, frozen=pipe1.frozen(), chunk=dipp_chunk,
+                     steps_per_chunk=1, num_steps=3,
                      conds_for=lambda s: pipe1.conds(sampler, s, 1), writer=None)
-  assert int(sharding.to_host(state.step)) == 3
-  assert traces[0] == 1, f"the step was traced {traces[0]} times"
+  assert int(sharding.to_host(state.step)) == 3 and int(sharding.to_host(state.bad_steps)) == 0
+  after = [sharding.to_host(x) for x in jax.tree.leaves(state.gen_params)]
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)) > 0
 
 
 def test_prompt_conds_depend_on_the_batch_only(pipe1):
@@ -91,7 +98,7 @@ def test_prompt_conds_depend_on_the_batch_only(pipe1):
 
 def test_nan_reward_skipped_then_stops(pipe1, dipp_chunk):
   cfg = tf.tiny_config("dipp")
-  chunk, _ = dipp_chunk
+  chunk = dipp_chunk
   frozen = pipe1.frozen()
   frozen["reward"] = jax.tree.map(lambda x: x * np.float32("nan"), frozen["reward"])  # same shapes
   state = tf.fresh_state(pipe1, cfg)
