@@ -53,6 +53,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
               devices=None) -> jax.sharding.Mesh:
   """A mesh with Auto axis types; one -1 entry takes the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(shape, len(devices), axis_names)
+  return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
+                       axis_names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
+  """``shape`` with its -1 entry filled from ``num_devices``; ValueError when it cannot fit."""
   shape = list(shape)
   if len(shape) != len(axis_names):
     raise ValueError(f"mesh.shape {tuple(shape)} has {len(shape)} entries but mesh.axes "
@@ -60,15 +68,16 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
   if shape.count(-1) > 1:
     raise ValueError(f"mesh.shape {tuple(shape)}: at most one entry may be -1")
   known = int(np.prod([s for s in shape if s != -1]))
+  if known < 1:
+    raise ValueError(f"mesh.shape {tuple(shape)}: entries must be positive (or one -1)")
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"mesh.shape {tuple(shape)}: {num_devices} devices are not divisible by {known}")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
     raise ValueError(f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"{len(devices)} available")
-  return jax.make_mesh(tuple(shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape),
-                       devices=devices)
+                     f"{num_devices} available")
+  return tuple(shape)
 
 
 def single_device_mesh(device=None) -> jax.sharding.Mesh:

@@ -72,6 +72,23 @@ def test_chain_without_variance_correction_under_disperses():
   assert float(jnp.var(x0)) < 0.8 * float(_posterior(0.4, 0.6)[1])
 
 
+@pytest.mark.parametrize("variance", ["local", "table"])
+def test_chain_variance_is_bounded_by_var_max(variance):
+  """K = 1 draws x0 ~ N(D, v): with v_max below the posterior variance the samples have variance
+  v_max exactly (a learned eps-network's local estimate can exceed the prior's variance 1000-fold
+  at high noise; the bound is what a posterior variance can be)."""
+  n = 20_000
+  t, x_t = jnp.full((n,), 0.6), jnp.full((n, 1), 0.4)
+  keys = jax.random.split(jax.random.PRNGKey(4), n)
+  v_post = float(_posterior(0.4, 0.6)[1])
+  table = {"t": jnp.array([0.0, 1.0]), "v": jnp.array([v_post, v_post])}
+  x0 = ancestral_chain(_ref1d, SCHED, x_t, t, None, keys, 1, table, variance, var_max=0.5 * v_post)
+  np.testing.assert_allclose(float(jnp.var(x0)), 0.5 * v_post, rtol=0.03)
+  np.testing.assert_allclose(float(jnp.mean(x0)), float(_posterior(0.4, 0.6)[0]), atol=4 * np.sqrt(v_post / n))
+  with pytest.raises(ValueError, match="snis_var_max"):
+    ObjectiveConfig(snis_var_max=-1.0)
+
+
 @pytest.mark.parametrize("m, rtol", [(8, 0.05), (32, 0.015)])
 def test_snis_matches_the_tilted_gaussian_posterior(m, rtol):
   """Linear reward b x on a Gaussian posterior N(m, v): E_w[x0|x_t] - E[x0|x_t] = v b / beta.

@@ -47,6 +47,7 @@ class ObjectiveConfig:
   snis_chunk: int = 0             # snis: samples per row run at once (0: all M)
   snis_rows: int = 0              # snis: rows of a batch that get the estimate (0: all; see below)
   snis_variance: str = "local"    # snis chains' x0 variance: local | table | none
+  snis_var_max: float = 0.0       # snis: bound on that variance per dimension (0: none; see below)
   hybrid_snr: float = 0.66        # hybrid: K=1 DRP where a^2/s^2 >= this, snis below
   distar_c: float = 1.0           # Pseudo-Huber constant
   cfg_placement: str = "in"       # DI*: guided reference inside y ("in") or as implicit reward ("out")
@@ -59,25 +60,38 @@ class ObjectiveConfig:
                                  ("cfg_placement", self.cfg_placement, CFG_PLACEMENTS),
                                  ("snis_variance", self.snis_variance, SNIS_VARIANCES)):
       if value not in allowed:
-        raise ValueError(f"objective.{name}={value!r} unknown; choose one of {allowed}")
+        raise ValueError(f"objective.{name}: {value!r} unknown; choose one of {allowed}")
     if self.beta <= 0:
-      raise ValueError(f"objective.beta must be > 0, got {self.beta}")
+      raise ValueError(f"objective.beta: must be > 0, got {self.beta}")
     if self.drp_k < 1:
-      raise ValueError(f"objective.drp_k must be >= 1, got {self.drp_k}")
+      raise ValueError(f"objective.drp_k: must be >= 1, got {self.drp_k}")
     if self.distar_c <= 0:
-      raise ValueError(f"objective.distar_c must be > 0, got {self.distar_c}")
+      raise ValueError(f"objective.distar_c: must be > 0, got {self.distar_c}")
     if self.snis_k < 1:
-      raise ValueError(f"objective.snis_k must be >= 1, got {self.snis_k}")
+      raise ValueError(f"objective.snis_k: must be >= 1, got {self.snis_k}")
     if self.snis_m < 2:
-      raise ValueError(f"objective.snis_m must be >= 2 (the jackknife needs two samples), "
+      raise ValueError(f"objective.snis_m: must be >= 2 (the jackknife needs two samples), "
                        f"got {self.snis_m}")
     if self.snis_chunk < 0 or (self.snis_chunk and self.snis_m % self.snis_chunk):
-      raise ValueError(f"objective.snis_chunk={self.snis_chunk} must be 0 or divide "
+      raise ValueError(f"objective.snis_chunk: {self.snis_chunk} must be 0 or divide "
                        f"objective.snis_m={self.snis_m}")
     if self.snis_rows < 0:
-      raise ValueError(f"objective.snis_rows must be >= 0 (0: every row), got {self.snis_rows}")
+      raise ValueError(f"objective.snis_rows: must be >= 0 (0: every row), got {self.snis_rows}")
+    if self.snis_var_max < 0:
+      raise ValueError(f"objective.snis_var_max: must be >= 0 (0: no bound), got {self.snis_var_max}")
     if self.hybrid_snr <= 0:
-      raise ValueError(f"objective.hybrid_snr must be > 0, got {self.hybrid_snr}")
+      raise ValueError(f"objective.hybrid_snr: must be > 0, got {self.hybrid_snr}")
+
+  @classmethod
+  def from_group(cls, group, **overrides) -> "ObjectiveConfig":
+    """The objective of a config's ``objective`` group (a mapping; every experiment builds it
+    here) with ``overrides``; ValueError naming ``objective.<key>`` for a key it does not have."""
+    values = group.to_dict() if hasattr(group, "to_dict") else dict(group)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in known:
+        raise ValueError(f"objective.{key}: unknown; the objective has {sorted(known)}")
+    return cls(**dict(values, **overrides))
 
   @property
   def stochastic_drs(self) -> bool:
@@ -152,7 +166,8 @@ def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t
                                         jax.tree.map(pick, cond), pick(keys), k=cfg.snis_k,
                                         m=cfg.snis_m, beta=cfg.beta, table=drs_table,
                                         variance=cfg.snis_variance, chunk=cfg.snis_chunk,
-                                        d_ref=None if d_ref is None else pick(d_ref))
+                                        d_ref=None if d_ref is None else pick(d_ref),
+                                        var_max=cfg.snis_var_max)
   # Every stride-th row carries the estimate, weighted by the stride: unbiased for the batch mean.
   t_snis = jnp.zeros_like(at_least_f32(x_t)).at[::stride].set(stride * t_sub)
   used = jnp.zeros_like(t, jnp.float32).at[::stride].set(1.0)

@@ -58,20 +58,27 @@ def table_variance(table, t):
   return jnp.interp(at_least_f32(t), table["t"], table["v"])
 
 
-def _denoise_with_variance(ref_denoise, schedule, x, t, cond, probe_keys, variance, table):
+def _clip_variance(v, var_max):
+  """A posterior variance cannot exceed the prior's: v <= var_max (0: no bound)."""
+  return jnp.minimum(v, var_max) if var_max > 0 else v
+
+
+def _denoise_with_variance(ref_denoise, schedule, x, t, cond, probe_keys, variance, table, var_max=0.0):
   """(D, v): the denoiser and the per-dimension x0 variance the step adds.
 
   table: v(t) from the run's table; local: Tweedie's Var(x0 | x_t) = (s^2/a) dD/dx_t, its
-  trace / d estimated per row with one Rademacher probe (a JVP; exact in 1-D); none: 0.
+  trace / d estimated per row with one Rademacher probe (a JVP; exact in 1-D); none: 0. A learned
+  eps-network's D has its error amplified by s/a at high noise, and the local estimate with it
+  (s^2/a), so v is bounded by ``var_max`` (the data's per-dimension variance bound).
   """
   if variance != "local":
     d, _ = ref_denoise(x, t, cond)
-    return d, table_variance(table if variance == "table" else None, t)
+    return d, _clip_variance(table_variance(table if variance == "table" else None, t), var_max)
   z = jax.vmap(lambda kb: jax.random.rademacher(kb, x.shape[1:], x.dtype))(probe_keys)
   d, jz = jax.jvp(lambda y: ref_denoise(y, t, cond)[0], (x,), (z,))
   a, s = schedule.alpha_sigma(t)
   quad = jnp.sum((at_least_f32(z) * at_least_f32(jz)).reshape(x.shape[0], -1), -1) / x[0].size
-  return d, jnp.maximum(s ** 2 / a * quad, 0.0)
+  return d, _clip_variance(jnp.maximum(s ** 2 / a * quad, 0.0), var_max)
 
 
 def _step_moments(schedule, x, d, v, tj, t_next, last):
@@ -103,7 +110,7 @@ def _probe_keys(keys, j):
 
 
 def chain_start(ref_denoise, schedule, x_t, t, cond, keys, k: int, table=None,
-                variance: str = "table", d=None):
+                variance: str = "table", d=None, var_max: float = 0.0):
   """The first step of every chain from x_t: (mean, std) of x_{t_{K-1}} (x0 when K = 1).
 
   It is deterministic given x_t, so M chains share it (one network call per row, not M); ``d``
@@ -111,14 +118,14 @@ def chain_start(ref_denoise, schedule, x_t, t, cond, keys, k: int, table=None,
   """
   if d is None or variance == "local":
     d, v = _denoise_with_variance(ref_denoise, schedule, x_t, t, cond, _probe_keys(keys, k),
-                                  variance, table)
+                                  variance, table, var_max)
   else:
-    v = table_variance(table if variance == "table" else None, t)
+    v = _clip_variance(table_variance(table if variance == "table" else None, t), var_max)
   return _step_moments(schedule, x_t, d, v, t, step_grid(schedule, t, k - 1, k), k == 1)
 
 
 def chain_finish(ref_denoise, schedule, start, t, cond, keys, k: int, table=None,
-                 variance: str = "table"):
+                 variance: str = "table", var_max: float = 0.0):
   """Posterior samples x0 from the shared first step: draw x_{t_{K-1}}, then K-1 more steps.
 
   ``start`` = (mean, std) from :func:`chain_start`, repeated to the sample rows; ``keys`` [R, 2]
@@ -131,7 +138,7 @@ def chain_finish(ref_denoise, schedule, start, t, cond, keys, k: int, table=None
   def body(x, j):
     tj = step_grid(schedule, t, j, k)
     d, v = _denoise_with_variance(ref_denoise, schedule, x, tj, cond, _probe_keys(keys, j),
-                                  variance, table)
+                                  variance, table, var_max)
     m, sd = _step_moments(schedule, x, d, v, tj, step_grid(schedule, t, j - 1, k), j == 1)
     return (m + sd * _row_noise(keys, j, x.shape[1:])).astype(x.dtype), None
 
@@ -140,7 +147,7 @@ def chain_finish(ref_denoise, schedule, start, t, cond, keys, k: int, table=None
 
 
 def ancestral_chain(ref_denoise, schedule, x_t, t, cond, keys, k: int, table=None,
-                    variance: str = "table"):
+                    variance: str = "table", var_max: float = 0.0):
   """One posterior sample x0 ~ q(x0 | x_t) per row: K stochastic steps t_K = t > ... > t_1 > 0.
 
   Each step draws x_{t'} from the DDPM posterior q(x_{t'} | x_t, x0 = D(x_t)) with the variance
@@ -148,8 +155,8 @@ def ancestral_chain(ref_denoise, schedule, x_t, t, cond, keys, k: int, table=Non
   :func:`_denoise_with_variance`); the last step draws x0 ~ N(D(x_{t_1}), v).
   """
   x_t = sg(x_t)
-  start = chain_start(ref_denoise, schedule, x_t, t, cond, keys, k, table, variance)
-  return chain_finish(ref_denoise, schedule, start, t, cond, keys, k, table, variance)
+  start = chain_start(ref_denoise, schedule, x_t, t, cond, keys, k, table, variance, var_max=var_max)
+  return chain_finish(ref_denoise, schedule, start, t, cond, keys, k, table, variance, var_max)
 
 
 def jackknife_snis_coefficients(log_w):
@@ -168,7 +175,8 @@ def jackknife_snis_coefficients(log_w):
 
 
 def snis_correction(ref_denoise, reward, schedule, x_t, t, cond, keys, *, k: int, m: int,
-                    beta: float, table=None, variance: str = "table", chunk: int = 0, d_ref=None):
+                    beta: float, table=None, variance: str = "table", chunk: int = 0, d_ref=None,
+                    var_max: float = 0.0):
   """(T, metrics): the jackknifed self-normalised estimate of E_w[x0|x_t] - E[x0|x_t] per row.
 
   ``reward(x0, cond) -> [B]`` is evaluated, never differentiated. ``keys`` [B, 2] per-row raw keys.
@@ -185,7 +193,8 @@ def snis_correction(ref_denoise, reward, schedule, x_t, t, cond, keys, *, k: int
   if m % chunk:
     raise ValueError(f"objective.snis_chunk={chunk} must divide objective.snis_m={m}")
   x_t, b = sg(x_t), x_t.shape[0]
-  start = chain_start(ref_denoise, schedule, x_t, t, cond, keys, k, table, variance, d=d_ref)
+  start = chain_start(ref_denoise, schedule, x_t, t, cond, keys, k, table, variance, d=d_ref,
+                      var_max=var_max)
   rep = lambda a: jnp.repeat(a, chunk, axis=0)
   cond_rep, start_rep, t_rep = jax.tree.map(rep, cond), jax.tree.map(rep, start), rep(t)
 
@@ -193,7 +202,7 @@ def snis_correction(ref_denoise, reward, schedule, x_t, t, cond, keys, *, k: int
     ids = ci * chunk + jnp.arange(chunk)
     sample_keys = jax.vmap(lambda kb: jax.vmap(lambda i: jax.random.fold_in(kb, i))(ids))(keys)
     x0 = chain_finish(ref_denoise, schedule, start_rep, t_rep, cond_rep,
-                      sample_keys.reshape((b * chunk,) + keys.shape[1:]), k, table, variance)
+                      sample_keys.reshape((b * chunk,) + keys.shape[1:]), k, table, variance, var_max)
     r = at_least_f32(sg(reward(x0, cond_rep)))
     return x0.reshape((b, chunk) + x_t.shape[1:]), r.reshape(b, chunk)
 

@@ -73,6 +73,7 @@ def base_config(backbone: str, variant: str):
   c.objective.snis_chunk = 0              # snis: samples per row run at once (0: all M)
   c.objective.snis_rows = 0               # snis: rows per batch that get the estimate (0: all)
   c.objective.snis_variance = "local"     # snis chains' x0 variance: local (JVP) | table | none
+  c.objective.snis_var_max = 1.0          # snis: x0 variance bound [choice: scaled latents have unit variance]
   c.objective.hybrid_snr = 0.66           # hybrid: K=1 DRP where a^2/s^2 >= 0.66 (timestep <= ~418)
   c.objective.distar_c = 1.0
   c.objective.cfg_placement = "in"

@@ -32,14 +32,7 @@ NONFINITE_ORDER = ("reward", "drp_reward", "snis_ess", "gen_loss", "kl_grad_norm
 
 
 def objective_config(cfg) -> ObjectiveConfig:
-  o = cfg.objective
-  return ObjectiveConfig(method=cfg.method, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
-                         beta=float(o.beta), drs=o.drs, drp_k=int(o.drp_k),
-                         drp_t_max=float(o.drp_t_max), snis_k=int(o.snis_k), snis_m=int(o.snis_m),
-                         snis_chunk=int(o.snis_chunk), snis_rows=int(o.snis_rows),
-                         snis_variance=o.snis_variance,
-                         hybrid_snr=float(o.hybrid_snr), distar_c=float(o.distar_c),
-                         cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
+  return ObjectiveConfig.from_group(cfg.objective, method=cfg.method)
 
 
 def prompts_of(cfg) -> list[str]:

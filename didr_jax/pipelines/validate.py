@@ -8,12 +8,13 @@ import os
 import jax
 import numpy as np
 
+from didr_jax.errors import ConfigError  # re-exported: validate.ConfigError
 from didr_jax.objectives.generator import CFG_PLACEMENTS, METHODS, WEIGHTINGS
 from didr_jax.pipelines.experiment import objective_config
 from didr_jax.sharding import RULES
 
 
-from didr_jax.errors import ConfigError  # noqa: E402  (re-exported: validate.ConfigError)
+TINY_REWARD = "tiny_pickscore"
 
 
 def _fail(field, reason):
@@ -136,6 +137,22 @@ def _check_batch(cfg):
     _fail("mesh.rules", f"{cfg.mesh.rules!r} unknown; choose one of {sorted(RULES)}")
 
 
+def _check_enums(cfg):
+  from didr_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+  from didr_jax.models.remat import REMAT_POLICIES
+  from didr_jax.rewards import REWARD_NAMES
+  if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
+    _fail("model.attention", f"{cfg.model.attention!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
+  if cfg.model.remat not in REMAT_POLICIES:
+    _fail("model.remat", f"{cfg.model.remat!r} unknown; choose one of {REMAT_POLICIES}")
+  if cfg.variant == "tiny":
+    if cfg.reward.name != TINY_REWARD:
+      _fail("reward.name", f"{cfg.reward.name!r}: the :tiny variant builds its own random CLIP reward "
+                           f"{TINY_REWARD!r}; real rewards need a real run")
+  elif cfg.reward.name not in REWARD_NAMES:
+    _fail("reward.name", f"{cfg.reward.name!r} unknown; choose one of {REWARD_NAMES}")
+
+
 def validate(cfg) -> None:
   if cfg.method not in METHODS:
     _fail("method", f"{cfg.method!r} unknown; choose one of {METHODS}")
@@ -150,14 +167,15 @@ def validate(cfg) -> None:
     objective_config(cfg)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
+  _check_enums(cfg)
   if not 0 <= cfg.model.label_t <= 999:
     _fail("model.label_t", f"must be in 0..999, got {cfg.model.label_t}")
   for name in ("ta_t_range", "gen_t_range"):
     lo, hi = getattr(cfg.align, name)
     if not 0 <= lo <= hi <= 999:
       _fail(f"align.{name}", f"({lo}, {hi}) must satisfy 0 <= lo <= hi <= 999")
-  if cfg.align.k_ta < 0:
-    _fail("align.k_ta", f"must be >= 0, got {cfg.align.k_ta}")
+  if cfg.align.k_ta < 1:
+    _fail("align.k_ta", f"must be >= 1 (TA updates per generator update), got {cfg.align.k_ta}")
   if cfg.data.resolution % 8:
     _fail("data.resolution", f"{cfg.data.resolution} is not a multiple of 8 (VAE factor)")
   for dt in ("dtype", "param_dtype", "vae_dtype"):

@@ -20,7 +20,7 @@ from didr_jax import sharding
 from didr_jax.diffusion import ddim_sample, make_schedule
 from didr_jax.objectives import ObjectiveConfig, dsm_loss, mixture_drs, variance_table
 from didr_jax.training import state as st
-from didr_jax.training.checkpoint import Checkpointer
+from didr_jax.training.checkpoint import Checkpointer, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
 from didr_jax.training.loop import StopSignal, run_chunks
 from didr_jax.training.metrics import MetricWriter
@@ -56,14 +56,7 @@ def identities(cfg) -> dict:
 
 def objective_config(cfg, method: str) -> ObjectiveConfig:
   name, drs = METHOD_OBJECTIVES[method]
-  o = cfg.objective
-  return ObjectiveConfig(method=name, weighting=o.weighting, alpha_rew=float(o.alpha_rew),
-                         beta=float(cfg.toy.beta), drs=drs, drp_k=int(o.drp_k),
-                         drp_t_max=float(o.drp_t_max), snis_k=int(o.snis_k), snis_m=int(o.snis_m),
-                         snis_chunk=int(o.snis_chunk), snis_rows=int(o.snis_rows),
-                         snis_variance=str(o.snis_variance),
-                         hybrid_snr=float(o.hybrid_snr), distar_c=float(o.distar_c),
-                         cfg_placement=o.cfg_placement, cfg_w=float(o.cfg_w))
+  return ObjectiveConfig.from_group(cfg.objective, method=name, drs=drs, beta=float(cfg.toy.beta))
 
 
 class Toy:
@@ -241,12 +234,7 @@ def run(cfg, workdir: str) -> dict:
   drp_bias.json, metrics.jsonl into ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
   ids = identities(cfg)
-  ckpts = {name: Checkpointer(os.path.join(workdir, "checkpoints", name), identity=ident,
-                              max_to_keep=cfg.checkpoint.keep, save_every=cfg.checkpoint.every_steps,
-                              async_save=cfg.checkpoint.async_save)
-           for name, ident in ids.items()}
-  for c in ckpts.values():        # refuse a foreign workdir before any training
-    c.check_identity()
+  ckpts = phase_checkpointers(workdir, ids, cfg.checkpoint)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)

@@ -3,101 +3,82 @@ from __future__ import annotations
 
 import math
 
-import jax
-
+from didr_jax.config_checks import check_mesh, fail
 from didr_jax.diffusion.schedules import make_schedule
-from didr_jax.sharding import RULES
+from didr_jax.errors import ConfigError  # re-exported: validate.ConfigError
 from didr_jax.toy.experiment import objective_config
 
 TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "didr_snis", "didr_hybrid", "distar")
 TOY_REWARDS = ("sigmoid", "step")
 
 
-from didr_jax.errors import ConfigError  # noqa: E402  (re-exported: validate.ConfigError)
-
-
-def _fail(field, reason):
-  raise ConfigError(f"config.{field}: {reason}")
-
-
 def validate(cfg) -> None:
   toy = cfg.toy
   if not toy.means:
-    _fail("toy.means", "needs at least one mode")
+    fail("toy.means", "needs at least one mode")
   dims = {len(m) for m in toy.means}
   if len(dims) != 1 or dims.pop() not in (1, 2):
-    _fail("toy.means", f"every mode needs the same dimension, 1 or 2; got {toy.means}")
+    fail("toy.means", f"every mode needs the same dimension, 1 or 2; got {toy.means}")
   k = len(toy.means)
   for name in ("stds", "weights"):
     if len(getattr(toy, name)) != k:
-      _fail(f"toy.{name}", f"has {len(getattr(toy, name))} entries for {k} modes")
+      fail(f"toy.{name}", f"has {len(getattr(toy, name))} entries for {k} modes")
   if any(s <= 0 for s in toy.stds):
-    _fail("toy.stds", f"must be > 0, got {toy.stds}")
+    fail("toy.stds", f"must be > 0, got {toy.stds}")
   if any(w < 0 for w in toy.weights) or not math.isclose(sum(toy.weights), 1.0, abs_tol=1e-6):
-    _fail("toy.weights", f"must be non-negative and sum to 1, got {toy.weights} (sum {sum(toy.weights)})")
+    fail("toy.weights", f"must be non-negative and sum to 1, got {toy.weights} (sum {sum(toy.weights)})")
   if toy.beta <= 0:
-    _fail("toy.beta", f"must be > 0, got {toy.beta}")
+    fail("toy.beta", f"must be > 0, got {toy.beta}")
   if toy.tau <= 0:
-    _fail("toy.tau", f"must be > 0, got {toy.tau}")
+    fail("toy.tau", f"must be > 0, got {toy.tau}")
   if toy.reward not in TOY_REWARDS:
-    _fail("toy.reward", f"unknown {toy.reward!r}; choose from {TOY_REWARDS}")
+    fail("toy.reward", f"unknown {toy.reward!r}; choose from {TOY_REWARDS}")
   if cfg.objective.drp_k < 1:
-    _fail("objective.drp_k", f"K must be >= 1, got {cfg.objective.drp_k}")
+    fail("objective.drp_k", f"K must be >= 1, got {cfg.objective.drp_k}")
   if any(kk < 1 for kk in cfg.eval.drp_bias_ks):
-    _fail("eval.drp_bias_ks", f"every K must be >= 1, got {cfg.eval.drp_bias_ks}")
+    fail("eval.drp_bias_ks", f"every K must be >= 1, got {cfg.eval.drp_bias_ks}")
   if cfg.objective.cfg_w != 0:
-    _fail("objective.cfg_w", "the toy is unconditional: guidance must be 0")
+    fail("objective.cfg_w", "the toy is unconditional: guidance must be 0")
   unknown = [m for m in cfg.methods if m not in TOY_METHODS]
   if unknown or not cfg.methods:
-    _fail("methods", f"unknown {unknown}; choose from {TOY_METHODS}")
+    fail("methods", f"unknown {unknown}; choose from {TOY_METHODS}")
   if len(set(cfg.methods)) != len(cfg.methods):
-    _fail("methods", f"lists a method twice: {cfg.methods}")
+    fail("methods", f"lists a method twice: {cfg.methods}")
   rows = cfg.objective.snis_rows
   if 0 < rows < cfg.align.batch and cfg.align.batch % rows:
-    _fail("objective.snis_rows", f"{rows} must divide align.batch={cfg.align.batch} (or be 0)")
+    fail("objective.snis_rows", f"{rows} must divide align.batch={cfg.align.batch} (or be 0)")
   for method in cfg.methods:
     try:
       obj = objective_config(cfg, method)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
     if obj.needs_reward_grad and toy.reward == "step":
-      _fail("methods", f"{method!r} differentiates the reward, but toy.reward='step' has zero "
+      fail("methods", f"{method!r} differentiates the reward, but toy.reward='step' has zero "
                        "gradient almost everywhere; use didr_exact, didr_snis or di")
   try:
     sched = make_schedule(cfg.schedule)
   except ValueError as e:
-    _fail("schedule", str(e))
+    fail("schedule", str(e))
   if sched.kind == "discrete_vp":
-    _fail("schedule.kind", "the toy uses a continuous time grid; choose continuous_vp or rectified_flow")
+    fail("schedule.kind", "the toy uses a continuous time grid; choose continuous_vp or rectified_flow")
   for name in ("align.ta_t_range", "align.gen_t_range"):
     lo, hi = cfg.align.ta_t_range if name.endswith("ta_t_range") else cfg.align.gen_t_range
     if not 0 < lo < hi <= 1:
-      _fail(name, f"needs 0 < lo < hi <= 1, got {(lo, hi)}")
+      fail(name, f"needs 0 < lo < hi <= 1, got {(lo, hi)}")
   if not 0 < cfg.reference.t_min < 1:
-    _fail("reference.t_min", f"needs 0 < t_min < 1, got {cfg.reference.t_min}")
+    fail("reference.t_min", f"needs 0 < t_min < 1, got {cfg.reference.t_min}")
   for name in ("network.width", "network.depth", "generator.width", "generator.depth",
                "align.k_ta", "distill.ddim_steps", "eval.t_bins"):
     group, key = name.split(".")
     if cfg[group][key] < 1:
-      _fail(name, f"must be >= 1, got {cfg[group][key]}")
+      fail(name, f"must be >= 1, got {cfg[group][key]}")
   if cfg.align.ema_decay < 0 or cfg.align.ema_decay >= 1:
-    _fail("align.ema_decay", f"must be in [0, 1), got {cfg.align.ema_decay}")
+    fail("align.ema_decay", f"must be in [0, 1), got {cfg.align.ema_decay}")
   chunk = cfg.train.steps_per_chunk
   for name in ("reference.steps", "distill.steps", "align.steps"):
     group, key = name.split(".")
     n = cfg[group][key]
     if n < 1 or n % chunk:
-      _fail(name, f"{n} must be a positive multiple of train.steps_per_chunk={chunk}")
-  if cfg.mesh.rules not in RULES:
-    _fail("mesh.rules", f"unknown {cfg.mesh.rules!r}; choose from {sorted(RULES)}")
-  n_dev = jax.device_count()
-  shape = tuple(cfg.mesh.shape)
-  known = math.prod(s for s in shape if s != -1)
-  if len(shape) != 3 or shape.count(-1) > 1 or n_dev % known or (-1 not in shape and known != n_dev):
-    _fail("mesh.shape", f"{shape} does not fit {n_dev} devices (axes data, fsdp, tensor)")
-  batch_devices = n_dev // (shape[2] if shape[2] != -1 else 1)
-  for name in ("distill.pool_size", "reference.batch", "distill.batch", "align.batch", "eval.num_samples",
-               "eval.drp_bias_samples"):
-    group, key = name.split(".")
-    if cfg[group][key] % batch_devices:
-      _fail(name, f"{cfg[group][key]} is not divisible by the {batch_devices} batch devices")
+      fail(name, f"{n} must be a positive multiple of train.steps_per_chunk={chunk}")
+  check_mesh(cfg, ("distill.pool_size", "reference.batch", "distill.batch", "align.batch",
+                   "eval.num_samples", "eval.drp_bias_samples"))

@@ -143,3 +143,15 @@ def restore_fields(directory: str, like: dict, step: int | None = None) -> tuple
   finally:
     manager.close()
   return step, dict(out)
+
+
+def phase_checkpointers(workdir: str, identities: dict, ckpt_cfg) -> dict:
+  """One Checkpointer per phase in ``workdir/checkpoints/<phase>``; a workdir written by another
+  config is refused (ConfigMismatchError) before anything trains."""
+  ckpts = {name: Checkpointer(os.path.join(workdir, "checkpoints", name), identity=ident,
+                              max_to_keep=ckpt_cfg.keep, save_every=ckpt_cfg.every_steps,
+                              async_save=ckpt_cfg.async_save)
+           for name, ident in identities.items()}
+  for c in ckpts.values():
+    c.check_identity()
+  return ckpts

@@ -1,0 +1,28 @@
+"""Checks every experiment's ``validate`` shares: one ConfigError line naming the field."""
+from __future__ import annotations
+
+import jax
+
+from didr_jax.errors import ConfigError
+from didr_jax.sharding import RULES, resolve_mesh_shape
+
+
+def fail(field: str, reason: str):
+  raise ConfigError(f"config.{field}: {reason}")
+
+
+def check_mesh(cfg, batch_fields) -> tuple[int, ...]:
+  """``mesh.rules`` known, ``mesh.shape`` fits the devices, and every ``batch_fields`` entry
+  ("group.key") divisible by the batch devices (data x fsdp); returns the resolved shape."""
+  if cfg.mesh.rules not in RULES:
+    fail("mesh.rules", f"unknown {cfg.mesh.rules!r}; choose from {sorted(RULES)}")
+  try:
+    shape = resolve_mesh_shape(tuple(cfg.mesh.shape), jax.device_count())
+  except ValueError as e:
+    fail("mesh.shape", str(e))
+  batch_devices = shape[0] * shape[1]
+  for name in batch_fields:
+    group, key = name.split(".")
+    if cfg[group][key] % batch_devices:
+      fail(name, f"{cfg[group][key]} is not divisible by the {batch_devices} batch devices")
+  return shape

@@ -1,0 +1,60 @@
+"""One validation per experiment, before anything is built: every enum and range of the toy and
+t2i configs fails with one ConfigError line that names the field (the digits fields are in
+tests/test_digits_metrics.py)."""
+import pytest
+
+from didr_jax.errors import ConfigError
+
+
+def _set(cfg, field, value):
+  *path, key = field.split(".")
+  group = cfg
+  for k in path:
+    group = group[k]
+  with cfg.unlocked():
+    group[key] = value
+
+
+def _expect_one_line(validate, cfg, field):
+  with pytest.raises(ConfigError, match=rf"^config\.{field}[: ]") as err:
+    validate(cfg)
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("method", "dmd"), ("objective.weighting", "dmd3"), ("objective.drs", "mc"),
+    ("objective.cfg_placement", "both"), ("objective.distar_c", 0.0), ("objective.beta", 0.0),
+    ("objective.snis_m", 1), ("objective.snis_var_max", -1.0), ("objective.snis_variance", "global"),
+    ("objective.hybrid_snr", 0.0), ("objective.drp_k", 0), ("objective.snis_mm", 4),
+    ("model.attention", "flash"), ("model.remat", "some"), ("reward.name", "pickscore"),
+    ("align.k_ta", 0), ("mesh.rules", "tp"), ("model.label_t", 1000), ("model.dtype", "float16"),
+])
+def test_t2i_field_is_named(field, value):
+  from configs.sdxl import get_config
+  from didr_jax.pipelines.validate import validate
+  cfg = get_config("tiny")
+  validate(cfg)
+  _set(cfg, field, value)
+  _expect_one_line(validate, cfg, field)
+
+
+def test_t2i_real_run_reward_name_is_checked_before_paths():
+  from configs.sdxl import get_config
+  from didr_jax.pipelines.validate import validate
+  cfg = get_config()
+  _set(cfg, "reward.name", "pick_score")
+  _expect_one_line(validate, cfg, "reward.name")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("methods", ("didr_mc",)), ("toy.reward", "relu"), ("objective.weighting", "dmd3"),
+    ("objective.snis_variance", "global"), ("objective.distar_c", -1.0), ("objective.snis_m", 1),
+    ("objective.drp_k", 0), ("toy.beta", 0.0), ("mesh.rules", "tp"),
+])
+def test_toy_field_is_named(field, value):
+  from configs.toy import get_config
+  from didr_jax.toy.validate import validate
+  cfg = get_config()
+  validate(cfg)
+  _set(cfg, field, value)
+  _expect_one_line(validate, cfg, field)
