@@ -55,6 +55,10 @@ def main(argv):
     from didr_jax.toy import experiment, validate
     validate.validate(cfg)
     run = experiment.run
+  elif cfg.experiment == "digits":
+    from didr_jax.digits import experiment, validate
+    validate.validate(cfg)
+    run = experiment.run
   elif cfg.experiment == "t2i":
     from didr_jax.pipelines import experiment, validate
     validate.validate(cfg)
