@@ -5,6 +5,7 @@ checkpoints/ (full TrainState; the data position is the step), export/unet[_ema]
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,13 +42,47 @@ def prompts_of(cfg) -> list[str]:
   return load_prompts(cfg.data.prompts, format=cfg.data.format, field=cfg.data.field)
 
 
+# How a run executes, not what it computes: a resume may change them.
+EXECUTION_FIELDS = {"model": ("attention", "remat", "cache_dir"), "data": ("precompute_embeddings",),
+                    "align": ("steps", "grad_accum")}
+# Where inputs live: replaced by a fingerprint of their content, so a moved folder still resumes.
+PATH_FIELDS = {"model": ("reference", "generator"), "reward": ("path", "clip", "tokenizer"),
+               "data": ("prompts",)}
+
+
+def content_fingerprint(path: str) -> str:
+  """sha1 of what a file or folder holds, independent of where it is: every file's relative name
+  and size, the full text of its JSON/text configs, and the first and last MiB of the others
+  (weights are not read in full). "" for an unset path."""
+  if not path:
+    return ""
+  h = hashlib.sha1()
+  files = ([(os.path.basename(path), path)] if os.path.isfile(path) else
+           sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                  for d, _, names in os.walk(path) for f in names))
+  for rel, full in files:
+    size = os.path.getsize(full)
+    h.update(f"{rel}\0{size}\0".encode())
+    with open(full, "rb") as f:
+      if rel.endswith((".json", ".txt")) or size <= 2 << 20:
+        h.update(f.read())
+      else:
+        h.update(f.read(1 << 20))
+        f.seek(-(1 << 20), os.SEEK_END)
+        h.update(f.read())
+  return h.hexdigest()
+
+
 def identity(cfg, sampler) -> dict:
-  """What the checkpoint depends on (execution details such as the mesh are left out)."""
+  """What the checkpoint depends on: the mathematics of the run. Execution details (mesh, remat,
+  attention kernel, caches, step count) are left out and input paths enter by content."""
   d = cfg.to_dict()
-  # align.steps may be raised to continue a run; grad_accum changes memory, not the gradient
-  d["align"] = {k: v for k, v in d["align"].items() if k not in ("steps", "grad_accum")}
   for k in ("train", "checkpoint", "eval", "mesh"):   # may change between runs (restore re-shards)
     d.pop(k)
+  for group, keys in EXECUTION_FIELDS.items():
+    d[group] = {k: v for k, v in d[group].items() if k not in keys}
+  for group, keys in PATH_FIELDS.items():
+    d[group] = {k: (content_fingerprint(v) if k in keys else v) for k, v in d[group].items()}
   d["data_fingerprint"] = sampler.fingerprint
   return d
 
