@@ -6,21 +6,13 @@ import json
 import os
 
 import jax
-import numpy as np
 
+from didr_jax.config_checks import check_mesh, fail as _fail
 from didr_jax.errors import ConfigError  # re-exported: validate.ConfigError
 from didr_jax.objectives.generator import CFG_PLACEMENTS, METHODS, WEIGHTINGS
 from didr_jax.pipelines.experiment import objective_config
-from didr_jax.sharding import RULES
-
 
 TINY_REWARD = "tiny_pickscore"
-
-
-def _fail(field, reason):
-  raise ConfigError(f"config.{field}: {reason}")
-
-
 LAYOUT = {
     "sdxl": ("unet/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/", "tokenizer_2/"),
     "sd15": ("unet/", "vae/", "text_encoder/", "tokenizer/"),
@@ -104,21 +96,11 @@ def _check_prompts(cfg):
 
 
 def _check_batch(cfg):
-  shape = list(cfg.mesh.shape)
-  n = jax.device_count()
-  if len(shape) != 3 or shape.count(-1) > 1:
-    _fail("mesh.shape", f"{tuple(shape)}: expected 3 entries (data, fsdp, tensor), at most one -1")
-  known = int(np.prod([s for s in shape if s != -1]))
-  if -1 in shape:
-    if n % known:
-      _fail("mesh.shape", f"{tuple(shape)}: {n} devices not divisible by {known}")
-    shape[shape.index(-1)] = n // known
-  if int(np.prod(shape)) != n:
-    _fail("mesh.shape", f"{tuple(shape)} needs {int(np.prod(shape))} devices, {n} available")
+  shape = check_mesh(cfg, ("align.batch",))
   ways = shape[0] * shape[1]
   b = cfg.align.batch
-  if b < 1 or b % ways:
-    _fail("align.batch", f"{b} is not divisible by the mesh's data x fsdp = {ways} devices")
+  if b < 1:
+    _fail("align.batch", f"must be >= 1, got {b}")
   if b % jax.process_count():
     _fail("align.batch", f"{b} is not divisible by {jax.process_count()} processes")
   m = cfg.align.grad_accum
@@ -133,8 +115,6 @@ def _check_batch(cfg):
     _fail("align.ta_warmup_steps", f"{w}: expected 0 <= warm-up < align.steps = {steps}")
   if w % n:
     _fail("align.ta_warmup_steps", f"{w}: must be a multiple of train.steps_per_chunk = {n}")
-  if cfg.mesh.rules not in RULES:
-    _fail("mesh.rules", f"{cfg.mesh.rules!r} unknown; choose one of {sorted(RULES)}")
 
 
 def _check_enums(cfg):
