@@ -104,13 +104,11 @@ def start_together(name: str, step: int):
 
 def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: int, num_steps: int,
                conds_for: Callable[[int], object], checkpointer=None, writer: MetricWriter | None,
-               stop: StopSignal | None = None, log_every_chunks: int = 1, max_bad_steps: int = 0,
+               stop: StopSignal | None = None, log_every_chunks: int = 1,
                on_chunk: Callable | None = None):
   """Run ``chunk`` until ``state.step == num_steps``; returns the final state.
 
   ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``.
-  ``max_bad_steps`` > 0 stops with NonFiniteError after that many consecutive skipped updates
-  (``bad_steps`` is replicated on every device, so every process stops at the same step).
   Every process must call this with the same arguments: the stop votes are gathered after each chunk.
   """
   step = int(to_host(state.step))
@@ -127,11 +125,6 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
       host = reduce_chunk_metrics(metrics)
       writer.write(step, host, prefix=f"{name}/")
       progress.log(step, {k: v for k, v in host.items() if k.endswith("loss") or k == "reward"})
-    if max_bad_steps > 0 and hasattr(state, "bad_steps"):
-      bad = int(to_host(state.bad_steps))
-      if bad >= max_bad_steps:
-        raise NonFiniteError(f"[{name}] {bad} consecutive non-finite updates at step {step}; "
-                             "the last good checkpoint is kept")
     if on_chunk is not None:
       on_chunk(step, state, host)
     if checkpointer is not None:
