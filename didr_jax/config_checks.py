@@ -24,5 +24,5 @@ def check_mesh(cfg, batch_fields) -> tuple[int, ...]:
   for name in batch_fields:
     group, key = name.split(".")
     if cfg[group][key] % batch_devices:
-      fail(name, f"{cfg[group][key]} is not divisible by the {batch_devices} batch devices")
+      fail(name, f"{cfg[group][key]} is not divisible by the mesh's data x fsdp = {batch_devices} devices")
   return shape
