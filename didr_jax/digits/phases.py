@@ -168,8 +168,8 @@ class Aligner:
                       writer=writer, stop=stop, log_every_chunks=cfg.train.log_every_chunks)
 
   def warm_up(self, state, ckpt, writer, stop):
-    """The TA warm-up (METHOD.md 5) shared by every run: ``align.ta_warmup_steps`` steps of k_ta
-    TA updates on the distilled generator's samples, generator frozen."""
+    """The TA warm-up (docs/method.md, section 2) shared by every run: ``align.ta_warmup_steps``
+    steps of k_ta TA updates on the distilled generator's samples, generator frozen."""
     steps = self.dg.cfg.align.ta_warmup_steps
     with sharding.model_context(self.dg.mesh, self.dg.rules):
       restored = ckpt.restore(state) if ckpt is not None else None
