@@ -18,11 +18,23 @@ def _clear_chex_trace_counter():
   yield
 
 
+def pytest_configure(config):
+  """pytest-xdist (3.6 and later) hands out ``--dist loadfile`` files by their number of tests,
+  most first, unless told not to; that order would put the few-test end-to-end files last and
+  undo the order below (``--loadscope-reorder`` on the command line is overridden too)."""
+  if getattr(config.option, "loadscopereorder", None) is not None:
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-  """End-to-end (``slow``) files first: under ``--dist loadfile`` the longest files then start
-  at once on separate workers and the quick files fill in behind them, instead of a long file
-  starting last and running alone."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """End-to-end (``slow``) files first, the multi-process ones (the longest) first among them:
+  under ``--dist loadfile`` the longest files then start at once on separate workers and the
+  quick files fill in behind them, instead of a long file starting last and running alone."""
+  def rank(item):
+    if item.get_closest_marker("slow") is None:
+      return 2
+    return 1 if item.get_closest_marker("multiprocess") is None else 0
+  items.sort(key=rank)
 
 
 PARITY_MODULE_LINE = "\npytestmark = pytest.mark.parity\n"

@@ -31,7 +31,16 @@ def _assert_states_close(a, b, atol, rtol=0.0):
 
 @pytest.fixture(scope="module")
 def eight_device_didr():
+  """4 uninterrupted didr_drp steps on 8 devices (``toy_worker.py OUT --steps=4`` in this process)."""
   return dump_state(run_alignment(tiny_config("didr_drp", 4), "didr_drp"))
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory):
+  """Environment of the 1-process workers: XLA's persistent compilation cache shared by them
+  (a program another worker compiled is loaded, not recompiled; every program is kept)."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 @pytest.mark.parametrize("method", ["didr_drp", "distar"])
@@ -70,14 +79,15 @@ def test_two_processes_equal_one_process(tmp_path, eight_device_didr):
   _assert_states_close(multi, eight_device_didr, atol=1e-6, rtol=1e-6)
 
 
-def test_resume_in_fresh_process_is_bitwise(tmp_path):
-  """N steps + checkpoint, restore in a new process, N more == 2N straight (bitwise on CPU)."""
+def test_resume_in_fresh_process_is_bitwise(tmp_path, eight_device_didr, worker_env):
+  """N steps + checkpoint, restore in a new process, N more == 2N straight (bitwise on CPU; the
+  straight run is the same config's, ``eight_device_didr``)."""
   ckpt = str(tmp_path / "ckpt")
-  _run([str(tmp_path / "a.npz"), "--steps=2", f"--ckpt={ckpt}"])
-  _run([str(tmp_path / "b.npz"), "--steps=4", f"--ckpt={ckpt}"])
-  _run([str(tmp_path / "straight.npz"), "--steps=4"])
-  with np.load(tmp_path / "b.npz") as f1, np.load(tmp_path / "straight.npz") as f2:
-    resumed, straight = dict(f1), dict(f2)
+  _run([str(tmp_path / "a.npz"), "--steps=2", f"--ckpt={ckpt}"], env=worker_env)
+  _run([str(tmp_path / "b.npz"), "--steps=4", f"--ckpt={ckpt}"], env=worker_env)
+  straight = eight_device_didr
+  with np.load(tmp_path / "b.npz") as f1:
+    resumed = dict(f1)
   with np.load(tmp_path / "a.npz") as f:
     half = dict(f)
   assert int(half[".step"]) == 2 and int(resumed[".step"]) == 4
@@ -142,8 +152,8 @@ def test_ta_warmup_step_is_k_ta_updates_with_the_generator_frozen():
   assert any(not np.array_equal(after[k], before[k]) for k in before if field(k).startswith("ta_params"))
 
 
-def test_tree_mode_equals_graph_mode(tmp_path, eight_device_didr):
-  env = dict(os.environ, NNX_GRAPH_MODE="false", NNX_GRAPH_UPDATES="false")
+def test_tree_mode_equals_graph_mode(tmp_path, eight_device_didr, worker_env):
+  env = dict(worker_env, NNX_GRAPH_MODE="false", NNX_GRAPH_UPDATES="false")
   _run([str(tmp_path / "tree.npz"), "--steps=4"], env=env)
   with np.load(tmp_path / "tree.npz") as f:
     tree = dict(f)
