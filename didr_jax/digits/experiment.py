@@ -94,7 +94,7 @@ class Scorer:
     self._outputs = lambda images, labels: {k: np.asarray(v, np.float64) for k, v in outputs(
         clf_params, jnp.asarray(images)[..., None], jnp.asarray(labels)).items()}
     self.train_images = split.train_images[..., 0]
-    real = self._outputs(split.test_images[..., 0], split.test_labels)
+    real = self.real_outputs = self._outputs(split.test_images[..., 0], split.test_labels)
     self.real = {"features": real["features"], "labels": split.test_labels}
     self.off_threshold = ev.off_manifold_threshold(split.test_images[..., 0], self.train_images,
                                                    float(self.cfg.eval.off_manifold_quantile))
@@ -118,8 +118,8 @@ class Scorer:
                              off_threshold=self.off_threshold)
 
   def test_accuracy(self, name: str) -> float:
-    out = self._outputs(self.dg.split.test_images[..., 0], self.dg.split.test_labels)
-    return float(np.mean(out[f"{name}_pred"] == self.dg.split.test_labels)) if name != "features" else None
+    """Accuracy of classifier ``name`` (reward | heldout) on the real test images."""
+    return float(np.mean(self.real_outputs[f"{name}_pred"] == self.dg.split.test_labels))
 
 
 def matched_train_subset(split, seed: int):
