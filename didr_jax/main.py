@@ -92,18 +92,57 @@ def _bad_override_line(argv, err) -> str:
   for arg in argv[1:]:
     if arg.startswith("--config."):
       field = arg[2:].split("=", 1)[0]
-      if field.rsplit(".", 1)[-1] in reason:
+      if any(part in reason for part in field.split(".")[1:]):
         return f"{field}: invalid override ({reason})"
   return f"invalid flags ({reason})"
 
 
+def _config_path(argv):
+  """The config file named by --config (without its ':arg'), or None."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def _raised_in(exc, path) -> bool:
+  """Whether ``exc`` was raised while running the code of file ``path``."""
+  target, tb = os.path.abspath(path), exc.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def _parse_flags(argv):
-  """absl flag parsing (applies --config.* overrides); a bad flag is one line and exit code 2."""
+  """absl flag parsing (loads --config, applies --config.* overrides). Bad input -- a missing
+  config file, a ValueError the config file raises on purpose (an unknown variant), an unknown or
+  ill-typed flag or override -- is one line and exit code 2; any other exception raised inside the
+  config file is a bug there and keeps its traceback."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    print(f"error: --config: no such file: {path}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"error: {_bad_override_line(argv, e)}", file=sys.stderr)
-    sys.exit(2)
+  except flags.Error as e:
+    text = str(e)
+    if "Error whilst parsing config file" in text:   # config_flags wraps the file's own error
+      last = text.strip().splitlines()[-1].strip()
+      if not last.startswith("ValueError: "):
+        raise
+      line = f"--config: {last[len('ValueError: '):]}"
+    else:
+      line = _bad_override_line(argv, e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if path is not None and _raised_in(e, path):
+      raise
+    line = _bad_override_line(argv, e)
+  print(f"error: {line}", file=sys.stderr)
+  sys.exit(2)
 
 
 def entry(argv=None):
