@@ -29,6 +29,7 @@ def _expect_one_line(validate, cfg, field):
     ("model.attention", "flash"), ("model.remat", "some"), ("reward.name", "pickscore"),
     ("align.k_ta", 0), ("mesh.rules", "tp"), ("model.label_t", 1000), ("model.dtype", "float16"),
     ("mesh.shape", (3, 1, 1)), ("mesh.shape", (-1, -1, 1)), ("align.batch", 7),
+    ("align.gen_optimizer.mu_dtype", "float16"), ("model.vae_dtype", "fp32"),
 ])
 def test_t2i_field_is_named(field, value):
   from configs.sdxl import get_config

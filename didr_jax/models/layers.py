@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 _init = nnx.initializers
+# Config names of compute / parameter / optimizer-moment dtypes: the one map every config reads.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def dense(din: int, dout: int, *, rngs: nnx.Rngs, axes=("embed", "mlp"), use_bias: bool = True,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from didr_jax.diffusion import at_least_f32, broadcast_to
+from didr_jax.diffusion import at_least_f32, broadcast_to, score
 from didr_jax.objectives.drs import drp_estimate
 from didr_jax.objectives.posterior_drs import snis_correction
 
@@ -250,11 +250,11 @@ def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
   [choice] w(t) = s_t^2 / a_t, which makes the term O(|D_psi - x0|) across noise levels.
   """
   xb = x_t
-  ab, sb = broadcast_to(a, xb), broadcast_to(s, xb)
+  sb = broadcast_to(s, xb)
   d_ta, _ = ta(xb, t, cond)
-  s_ta = (ab * d_ta - xb) / sb ** 2
+  s_ta = score(d_ta, xb, a, s)
   d_in, _ = ref(xb, t, cond, cfg.cfg_placement == "in")
-  s_ref = (ab * d_in - xb) / sb ** 2
+  s_ref = score(d_in, xb, a, s)
   y = at_least_f32(s_ta - s_ref)
   norm = jnp.sqrt(_per_sample_sum(y ** 2) + cfg.distar_c ** 2)
   d_prime = y / broadcast_to(norm, y)

@@ -20,7 +20,7 @@ from didr_jax.errors import ConfigError
 from didr_jax.models.diffusers_loading import abstract_for, read_config
 from didr_jax.models.unet import UNetConfig
 from didr_jax.pipelines.experiment import export_unets
-from didr_jax.pipelines.t2i import DTYPES
+from didr_jax.models.layers import DTYPES
 from didr_jax.training.checkpoint import restore_fields
 
 

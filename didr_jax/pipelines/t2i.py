@@ -15,11 +15,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax import log, sharding
 from didr_jax.diffusion import Schedule
+from didr_jax.models.layers import DTYPES
 from didr_jax.objectives import variance_table
 from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _load_real(cfg, mesh, rules, text_mesh):

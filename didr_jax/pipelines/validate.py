@@ -9,6 +9,7 @@ import jax
 
 from didr_jax.config_checks import check_mesh, fail as _fail
 from didr_jax.errors import ConfigError  # re-exported: validate.ConfigError
+from didr_jax.models.layers import DTYPES
 from didr_jax.objectives.generator import CFG_PLACEMENTS, METHODS, WEIGHTINGS
 from didr_jax.pipelines.experiment import objective_config
 
@@ -159,8 +160,11 @@ def validate(cfg) -> None:
   if cfg.data.resolution % 8:
     _fail("data.resolution", f"{cfg.data.resolution} is not a multiple of 8 (VAE factor)")
   for dt in ("dtype", "param_dtype", "vae_dtype"):
-    if getattr(cfg.model, dt) not in ("float32", "bfloat16"):
-      _fail(f"model.{dt}", f"{getattr(cfg.model, dt)!r}: choose float32 or bfloat16")
+    if getattr(cfg.model, dt) not in DTYPES:
+      _fail(f"model.{dt}", f"{getattr(cfg.model, dt)!r}: choose one of {sorted(DTYPES)}")
+  for opt in ("ta_optimizer", "gen_optimizer"):
+    if cfg.align[opt].mu_dtype not in DTYPES:
+      _fail(f"align.{opt}.mu_dtype", f"{cfg.align[opt].mu_dtype!r}: choose one of {sorted(DTYPES)}")
   if cfg.train.steps_per_chunk < 1:
     _fail("train.steps_per_chunk", f"must be >= 1, got {cfg.train.steps_per_chunk}")
   if cfg.align.steps % cfg.train.steps_per_chunk:

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from didr_jax.models.layers import DTYPES
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -38,7 +40,9 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
   else:
     lr = cfg.lr
-  mu_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.mu_dtype]
+  if cfg.mu_dtype not in DTYPES:
+    raise ValueError(f"mu_dtype {cfg.mu_dtype!r} unknown; choose one of {sorted(DTYPES)}")
+  mu_dtype = DTYPES[cfg.mu_dtype]
   if cfg.name == "adam":
     opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype)
   elif cfg.name == "adamw":
