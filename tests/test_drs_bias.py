@@ -18,7 +18,7 @@ from didr_jax.toy.problem import ToyProblem, target_summary
 
 CFG = get_config("")
 SCHEDULE = make_schedule(CFG.schedule)
-T_RANGE = tuple(CFG.align.gen_t_range)
+T_RANGE = tuple(CFG.eval.bias_t_range)   # the whole diffusion, as drp_bias.json
 
 
 def _problem(reward="sigmoid"):

@@ -51,7 +51,7 @@ def test_t2i_real_run_reward_name_is_checked_before_paths():
 @pytest.mark.parametrize("field, value", [
     ("methods", ("didr_mc",)), ("toy.reward", "relu"), ("objective.weighting", "dmd3"),
     ("objective.snis_variance", "global"), ("objective.distar_c", -1.0), ("objective.snis_m", 1),
-    ("objective.drp_k", 0), ("toy.beta", 0.0), ("mesh.rules", "tp"),
+    ("objective.drp_k", 0), ("toy.beta", 0.0), ("mesh.rules", "tp"), ("eval.bias_t_range", (0.5, 0.2)),
 ])
 def test_toy_field_is_named(field, value):
   from configs.toy import get_config

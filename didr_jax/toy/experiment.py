@@ -75,7 +75,7 @@ class Toy:
     self.gen_graph, self.gen_init = sharding.create_sharded(
         lambda: Generator(d, g.width, g.depth, rngs=nnx.Rngs(cfg.seed + 1)), self.mesh, self.rules)
     self.batch_sh = sharding.batch_sharding(self.mesh, 2)
-    problem, beta = self.problem, float(cfg.toy.beta)
+    problem = self.problem
     self.task = Task(
         schedule=self.schedule, prediction="eps", sample_shape=(d,),
         generator_apply=lambda p, z, c: nnx.merge(self.gen_graph, p)(z),
@@ -215,7 +215,7 @@ def estimator_bias(toy: Toy, ref_params, table, key) -> dict:
   learned_table = None if table is None else jax.tree.map(sharding.to_host, table)
   exact_table = (drs_bias.exact_table(problem, toy.schedule, jax.random.fold_in(key, 1))
                  if base.needs_drs_table else None)
-  kw = dict(t_range=tuple(cfg.align.gen_t_range), bins=cfg.eval.t_bins,
+  kw = dict(t_range=tuple(cfg.eval.bias_t_range), bins=cfg.eval.t_bins,
             per_bin=cfg.eval.drp_bias_samples // cfg.eval.t_bins)
   out = {"states": "x_t = a x0 + s eps, x0 ~ q0", "beta": float(cfg.toy.beta),
          "metric": "ratio = E[T_est] / E[T_exact] per t-bin, T = (s^2/a) DRS; integrated_bias = "

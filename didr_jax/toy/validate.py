@@ -61,8 +61,9 @@ def validate(cfg) -> None:
     fail("schedule", str(e))
   if sched.kind == "discrete_vp":
     fail("schedule.kind", "the toy uses a continuous time grid; choose continuous_vp or rectified_flow")
-  for name in ("align.ta_t_range", "align.gen_t_range"):
-    lo, hi = cfg.align.ta_t_range if name.endswith("ta_t_range") else cfg.align.gen_t_range
+  for name, (lo, hi) in (("align.ta_t_range", cfg.align.ta_t_range),
+                         ("align.gen_t_range", cfg.align.gen_t_range),
+                         ("eval.bias_t_range", cfg.eval.bias_t_range)):
     if not 0 < lo < hi <= 1:
       fail(name, f"needs 0 < lo < hi <= 1, got {(lo, hi)}")
   if not 0 < cfg.reference.t_min < 1:
