@@ -65,8 +65,12 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
   for r in rows.values():
     for k in (f"{method}/gen_loss", f"{method}/ta_loss", f"{method}/gen_grad_norm", *keys):
       assert k in r and np.isfinite(r[k]), (k, r)
-  assert any("eval/reward_mean" in r for r in metrics(workdir))
-  assert os.path.isfile(os.path.join(workdir, "grid_000003.png"))
+  evals = {prefix: {r["step"]: r[f"{prefix}/reward_mean"] for r in metrics(workdir)
+                    if f"{prefix}/reward_mean" in r} for prefix in ("eval", "eval_ema")}
+  assert evals["eval"] and set(evals["eval_ema"]) == set(evals["eval"]), evals   # the EMA too
+  assert all(np.isfinite(v) for e in evals.values() for v in e.values()), evals
+  for grid in ("grid_000003.png", "grid_ema_000003.png"):
+    assert os.path.isfile(os.path.join(workdir, grid)), grid
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
   for name in ("unet", "unet_ema"):
     assert exported(workdir, name), name

@@ -139,6 +139,42 @@ def test_didr_pseudo_loss_gradient(drs):
   np.testing.assert_allclose(host["reward_std"], float(jnp.std(affine_generator(AFFINE, z) @ B)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["di", "didr"])
+def test_reward_is_computed_only_on_reporting_steps(method):
+  """With a traced ``reward_metrics`` flag, DI and DIDR run the reward only when it is True (a
+  runtime callback counts the calls); the chunk reduction averages the reported steps only."""
+  n = 32
+  kz, kt, ke = jax.random.split(jax.random.PRNGKey(9), 3)
+  z, eps = jax.random.normal(kz, (n, 2)), jax.random.normal(ke, (n, 2))
+  t = jax.random.uniform(kt, (n,), minval=0.05, maxval=0.95)
+  cfg = ObjectiveConfig(method=method, beta=BETA, drs="exact")
+  exact_drs = lambda x, tt, c: gaussian_linear_drs(*SCHED.alpha_sigma(tt), V0, B, BETA)
+  calls = []
+
+  def reward(x0, c):
+    jax.debug.callback(lambda: calls.append(1))
+    return x0 @ B
+
+  @jax.jit
+  def metrics(p, on):
+    return generator_loss(cfg, generate=lambda zz, c: affine_generator(p, zz), ta=affine_ta(AFFINE),
+                          ref=_ref, reward=reward, schedule=SCHED, z=z, cond=None, t=t, eps=eps,
+                          exact_drs=exact_drs, reward_metrics=on)[1]
+
+  off = jax.block_until_ready(metrics(AFFINE, jnp.asarray(False)))
+  jax.effects_barrier()
+  assert calls == []
+  moved = jax.tree.map(lambda v: v + 0.5, AFFINE)      # a second batch with another reward
+  on = jax.block_until_ready(metrics(moved, jnp.asarray(True)))
+  jax.effects_barrier()
+  assert len(calls) == 1
+  assert "reward" not in reduce_chunk_metrics({k: v[None] for k, v in off.items()})
+  chunk = reduce_chunk_metrics({k: jnp.stack([off[k], on[k], off[k]]) for k in on})
+  r = affine_generator(moved, z) @ B
+  np.testing.assert_allclose(chunk["reward"], float(jnp.mean(r)), rtol=1e-5)
+  np.testing.assert_allclose(chunk["reward_std"], float(jnp.std(r)), rtol=1e-5)
+
+
 def test_ratio_metrics_sum_over_the_chunk_and_drop_empty_bins():
   sched = Schedule(kind="discrete_vp", betas="scaled_linear")
   t = jnp.array([0.0, 100.0, 600.0, 999.0])

@@ -292,3 +292,36 @@ def test_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
     steps.append(int(found[0]))
   assert steps[0] == steps[1] < 8, steps
   assert max(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps[0]
+
+
+def test_reward_metrics_every_n_steps_runs_the_reward_on_each_nth_step_only():
+  """StepConfig(reward_metrics_every=3) over a 6-step scanned chunk of DI: the reward runs on
+  steps 3 and 6 only (a runtime callback records the step), and the chunk's reported reward is
+  the mean of those two batches' rewards."""
+  import dataclasses
+  from didr_jax.toy import experiment
+  from didr_jax.training import state as st
+  from didr_jax.training.metrics import reduce_chunk_metrics
+  from didr_jax.training.steps import StepConfig, make_outer_step, scan_chunk
+  cfg = tiny_config("di", 1)
+  toy = experiment.Toy(cfg)
+  seen = []
+
+  def reward(frozen, x0, c):
+    r = toy.problem.reward(x0)
+    jax.debug.callback(lambda m: seen.append(float(m)), jnp.mean(r))
+    return r
+
+  task = dataclasses.replace(toy.task, reward_apply=reward)
+  obj = experiment.objective_config(cfg, "di")
+  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  outer = make_outer_step(task, obj, StepConfig(64, 1, reward_metrics_every=3), gtx, ttx).outer
+  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
+                              ema=False, seed=0, mesh=toy.mesh)
+  state, metrics = jax.jit(scan_chunk(outer, 6))(state, {"ref": toy.ref_init}, None)
+  jax.effects_barrier()
+  assert int(state.step) == 6 and len(seen) == 2, seen
+  np.testing.assert_allclose(reduce_chunk_metrics(metrics)["reward"], np.mean(seen), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(metrics["ratio:reward"])[:, 1], [0, 0, 1, 0, 0, 1])
+  with pytest.raises(ValueError, match="reward_metrics_every"):
+    StepConfig(64, 1, reward_metrics_every=0)

@@ -182,8 +182,13 @@ def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t
 
 
 def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule, z, cond, t, eps,
-                   exact_drs=None, keys=None, drs_table=None):
-  """(pseudo-loss, metrics) of ``cfg.method`` for one batch; see the module docstring."""
+                   exact_drs=None, keys=None, drs_table=None, reward_metrics=True):
+  """(pseudo-loss, metrics) of ``cfg.method`` for one batch; see the module docstring.
+
+  ``reward_metrics`` (a bool or a traced bool scalar): whether this step reports the batch's
+  reward. DI and DIDR need r(x0) for nothing else, so when it is False the decode and the reward
+  model do not run (``lax.cond``); DI++ and DI* differentiate r(x0) and always report it.
+  """
   x0 = at_least_f32(generate(z, cond))
   a, s = schedule.alpha_sigma(t)
   ab, sb = broadcast_to(a, x0), broadcast_to(s, x0)
@@ -214,16 +219,26 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
   if cfg.method == "dipp":
     r0 = reward(x0, cond)
     loss = loss - cfg.alpha_rew * jnp.mean(r0)
+    metrics.update(_reward_metrics(r0))
+  elif isinstance(reward_metrics, bool):
+    metrics.update(_reward_metrics(reward(sg(x0), cond) if reward_metrics else None))
   else:
-    r0 = reward(sg(x0), cond)
-  metrics.update(_reward_metrics(r0), gen_loss=loss)
+    metrics.update(jax.lax.cond(reward_metrics, lambda: _reward_metrics(reward(sg(x0), cond)),
+                                lambda: _reward_metrics(None)))
+  metrics["gen_loss"] = loss
   return loss, metrics
 
 
 def _reward_metrics(r0):
-  """Mean and std of the training batch's rewards r(x0)."""
+  """The batch's reward mean and std as "ratio:" (value, 1) pairs, or (0, 0) without a reward
+  (``r0`` None): a chunk reduces them over the steps that computed one."""
+  if r0 is None:
+    zero = jnp.zeros((2,), jnp.float32)
+    return {f"{RATIO_PREFIX}reward": zero, f"{RATIO_PREFIX}reward_std": zero}
   r0 = sg(r0).astype(jnp.float32)
-  return {"reward": jnp.mean(r0), "reward_std": jnp.std(r0)}
+  one = jnp.ones((), jnp.float32)
+  return {f"{RATIO_PREFIX}reward": jnp.stack([jnp.mean(r0), one]),
+          f"{RATIO_PREFIX}reward_std": jnp.stack([jnp.std(r0), one])}
 
 
 def tbin_ratios(name: str, schedule, t, num, den) -> dict:
@@ -268,5 +283,6 @@ def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
     d_g, _ = ref(sg(x_t), t, cond, True)
     # guided - plain = w (D_c - D_u): the implicit CFG reward as a DI++-style IKL term.
     loss = loss - _batch_dot(d_g - d_c, x0)
-  metrics.update(_reward_metrics(r0), gen_loss=loss)
+  metrics.update(_reward_metrics(r0))
+  metrics["gen_loss"] = loss
   return loss, metrics

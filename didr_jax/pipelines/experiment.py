@@ -100,8 +100,11 @@ def build_training(pipe: T2I, cfg) -> dict:
   """The step functions of the config's method (outer, ta_warmup, ta_update, gen_update) and the
   two optimizers (gen_tx, ta_tx)."""
   gen_tx, ta_tx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  # DI / DIDR decode and score the training batch only on each chunk's last step: the reward is
+  # only logged there, and the VAE decode + reward model is a large part of a generator step.
   step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay,
-                        grad_accum=cfg.align.grad_accum)
+                        grad_accum=cfg.align.grad_accum,
+                        reward_metrics_every=cfg.train.steps_per_chunk)
   steps = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx, ta_tx,
                           batch_sharding=pipe.batch_sh)
   return dict(steps._asdict(), gen_tx=gen_tx, ta_tx=ta_tx)
@@ -202,14 +205,19 @@ def run(cfg, workdir: str) -> dict:
   result = {}
 
   def evaluate(step, state):
-    images, rewards = eval_fn(state.gen_params, frozen, eval_cond, eval_z)
-    images, rewards = sharding.to_host(images), sharding.to_host(rewards)
-    writer.write(step, {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())},
-                 prefix="eval/")
-    if jax.process_index() == 0:
-      grid = write_grid(os.path.join(workdir, f"grid_{step:06d}.png"), images)
-      writer.write_image(step, "eval/grid", grid)
-    result["eval_reward_mean"] = float(rewards.mean())
+    """Held-out reward and grid of the generator and, when kept, of its EMA (the export's twin)."""
+    for prefix, params, grid_name in (("eval", state.gen_params, f"grid_{step:06d}.png"),
+                                      ("eval_ema", state.gen_ema, f"grid_ema_{step:06d}.png")):
+      if params is None:
+        continue
+      images, rewards = eval_fn(params, frozen, eval_cond, eval_z)
+      images, rewards = sharding.to_host(images), sharding.to_host(rewards)
+      writer.write(step, {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())},
+                   prefix=f"{prefix}/")
+      if jax.process_index() == 0:
+        grid = write_grid(os.path.join(workdir, grid_name), images)
+        writer.write_image(step, f"{prefix}/grid", grid)
+      result[f"{prefix}_reward_mean"] = float(rewards.mean())
 
   with StopSignal() as stop:
     state = init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])

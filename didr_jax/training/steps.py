@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,11 @@ class StepConfig:
   k_ta: int
   ema_decay: float = 0.0           # 0: no EMA
   grad_accum: int = 1              # microbatches per update (same gradient, 1/grad_accum activations)
+  reward_metrics_every: int = 1    # DI / DIDR: report the batch reward on every n-th step only
 
   def __post_init__(self):
+    if self.reward_metrics_every < 1:
+      raise ValueError(f"reward_metrics_every must be >= 1, got {self.reward_metrics_every}")
     if self.grad_accum < 1 or self.batch_size % self.grad_accum:
       raise ValueError(f"align.grad_accum={self.grad_accum} must be >= 1 and divide the batch "
                        f"({self.batch_size})")
@@ -116,6 +119,8 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
 
   def gen_update(state: TrainState, frozen, cond):
     rng, batch = draw(state, task.gen_t_range, row_keys=obj.stochastic_drs)
+    every = step_cfg.reward_metrics_every
+    on = True if every == 1 else (state.step + 1) % every == 0   # the last step of each n
     ref = task.denoiser(jax.lax.stop_gradient(frozen["ref"]), obj.cfg_w)
     ta = task.denoiser(jax.lax.stop_gradient(state.ta_params))
     reward = lambda x0, c: task.reward_apply(jax.lax.stop_gradient(frozen), x0, c)
@@ -125,7 +130,7 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
                             ref=ref, reward=reward, schedule=task.schedule, z=constrain(mb["z"]),
                             cond=mb["cond"], t=mb["t"], eps=constrain(mb["eps"]),
                             exact_drs=task.exact_drs, keys=mb.get("keys"),
-                            drs_table=frozen.get("drs_table"))
+                            drs_table=frozen.get("drs_table"), reward_metrics=on)
 
     (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.gen_params,
                                                         dict(batch, cond=cond), n_micro)
