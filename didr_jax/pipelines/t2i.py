@@ -21,7 +21,6 @@ from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
 
-
 def _load_real(cfg, mesh, rules, text_mesh):
   """Weights from disk (paths already checked by ``validate``)."""
   from didr_jax import rewards
