@@ -53,6 +53,40 @@ def test_fsdp_shards_params_and_moments(pipe8):
     assert local / whole < 1.2 / 8, (name, local / whole)
 
 
+def test_resume_restores_onto_abstract_shapes_without_a_fresh_state(pipe8, tmp_path, monkeypatch):
+  """A resumed run restores the checkpoint onto ShapeDtypeStructs carrying the fresh state's
+  shardings: the restored arrays equal the saved ones and sit where a fresh state's would, and no
+  fresh state is built (the live bytes while orbax restores are those of the pipeline alone)."""
+  from didr_jax.training.checkpoint import Checkpointer
+  cfg = tf.tiny_config("dipp")
+  parts = experiment.build_training(pipe8, cfg)
+  saved = tf.fresh_state(pipe8, cfg)
+  saved = saved.replace(step=saved.step + 5, gen_ema=jax.tree.map(lambda x: x * 0.5, saved.gen_ema))
+  ckpt = Checkpointer(str(tmp_path / "ck"), identity={}, max_to_keep=1, save_every=1, async_save=False)
+  ckpt.save(5, saved)
+  expected = jax.tree.map(sharding.to_host, saved)
+  shardings = jax.tree.map(lambda x: x.sharding, saved)
+  del saved
+  live = {}
+  restore = ckpt.restore
+
+  def counting_restore(like):
+    live["during"] = sum(x.nbytes for x in jax.live_arrays())
+    return restore(like)
+
+  monkeypatch.setattr(ckpt, "restore", counting_restore)
+  monkeypatch.setattr(experiment, "init_state", lambda *a: pytest.fail("built a fresh state"))
+  before = sum(x.nbytes for x in jax.live_arrays())
+  state = experiment.restore_or_init_state(pipe8, cfg, parts["gen_tx"], parts["ta_tx"], ckpt)
+  assert live["during"] == before
+  assert int(sharding.to_host(state.step)) == 5
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(sharding.to_host(got), want)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
+  ckpt.close()
+
+
 def test_compiled_chunk_runs_step_after_step(pipe1, dipp_chunk):
   """The chunk is compiled ahead of time, so it cannot retrace: a state or cond of another shape,
   dtype or sharding would be refused. It takes back the state it returns, with each step's conds,

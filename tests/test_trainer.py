@@ -167,6 +167,7 @@ def test_gradient_accumulation_equals_full_batch(method):
   import optax
   from didr_jax.toy import experiment
   from didr_jax.training import state as st
+  from didr_jax.training.metrics import reduce_chunk_metrics
   from didr_jax.training.steps import StepConfig, make_outer_step
   cfg = tiny_config(method, 1)
   toy = experiment.Toy(cfg)
@@ -190,8 +191,11 @@ def test_gradient_accumulation_equals_full_batch(method):
   np.testing.assert_allclose(m_acc["gen_loss"], m_full["gen_loss"], rtol=1e-4, atol=1e-6)
   for k in m_full:
     if k.startswith("ratio:"):        # microbatch means of the sums: 1/4 of the full batch's sums
-      np.testing.assert_allclose(4 * m_acc[k], m_full[k], rtol=1e-4, atol=1e-6)
-  assert any(k.startswith("ratio:") for k in m_full) == (method == "didr_drp")
+      np.testing.assert_allclose(4 * m_acc[k], m_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert any("/t" in k for k in m_full if k.startswith("ratio:")) == (method == "didr_drp")
+  host_full, host_acc = (reduce_chunk_metrics(jax.tree.map(jnp.asarray, m)) for m in (m_full, m_acc))
+  for k in ("reward", "reward_std"):   # the batch's mean and std, not means of microbatch stds
+    np.testing.assert_allclose(host_acc[k], host_full[k], rtol=1e-4, err_msg=k)
   with pytest.raises(ValueError, match="align.grad_accum=3"):
     StepConfig(64, 1, grad_accum=3)
 
@@ -322,6 +326,6 @@ def test_reward_metrics_every_n_steps_runs_the_reward_on_each_nth_step_only():
   jax.effects_barrier()
   assert int(state.step) == 6 and len(seen) == 2, seen
   np.testing.assert_allclose(reduce_chunk_metrics(metrics)["reward"], np.mean(seen), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(metrics["ratio:reward"])[:, 1], [0, 0, 1, 0, 0, 1])
+  np.testing.assert_array_equal(np.asarray(metrics["ratio:reward"])[:, 1], [0, 0, 64, 0, 0, 64])
   with pytest.raises(ValueError, match="reward_metrics_every"):
     StepConfig(64, 1, reward_metrics_every=0)

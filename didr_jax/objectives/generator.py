@@ -230,15 +230,16 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
 
 
 def _reward_metrics(r0):
-  """The batch's reward mean and std as "ratio:" (value, 1) pairs, or (0, 0) without a reward
-  (``r0`` None): a chunk reduces them over the steps that computed one."""
+  """The batch's reward sums as "ratio:" pairs, (sum r, n) and (sum r^2, n), or (0, 0) without a
+  reward (``r0`` None): sums, so microbatches, shards and a chunk's reporting steps add up exactly;
+  the host reduction turns them into ``reward`` and ``reward_std``."""
   if r0 is None:
     zero = jnp.zeros((2,), jnp.float32)
-    return {f"{RATIO_PREFIX}reward": zero, f"{RATIO_PREFIX}reward_std": zero}
-  r0 = sg(r0).astype(jnp.float32)
-  one = jnp.ones((), jnp.float32)
-  return {f"{RATIO_PREFIX}reward": jnp.stack([jnp.mean(r0), one]),
-          f"{RATIO_PREFIX}reward_std": jnp.stack([jnp.std(r0), one])}
+    return {f"{RATIO_PREFIX}reward": zero, f"{RATIO_PREFIX}reward_sq": zero}
+  r0 = sg(r0).astype(jnp.float32).reshape(-1)
+  n = jnp.asarray(r0.shape[0], jnp.float32)
+  return {f"{RATIO_PREFIX}reward": jnp.stack([jnp.sum(r0), n]),
+          f"{RATIO_PREFIX}reward_sq": jnp.stack([jnp.sum(jnp.square(r0)), n])}
 
 
 def tbin_ratios(name: str, schedule, t, num, den) -> dict:

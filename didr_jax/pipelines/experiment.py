@@ -19,6 +19,7 @@ from didr_jax import log, sharding
 from didr_jax.data import PromptSampler, load_prompts
 from didr_jax.models.diffusers_loading import to_diffusers
 from didr_jax.objectives import ObjectiveConfig
+from didr_jax.objectives.generator import RATIO_PREFIX
 from didr_jax.pipelines.t2i import T2I
 from didr_jax.training import state as st
 from didr_jax.training.checkpoint import Checkpointer
@@ -118,6 +119,16 @@ def init_state(pipe: T2I, cfg, gen_tx, ta_tx):
                                seed=cfg.seed + 7, mesh=pipe.mesh)
 
 
+def restore_or_init_state(pipe: T2I, cfg, gen_tx, ta_tx, ckpt: Checkpointer):
+  """The latest checkpoint restored onto the state's abstract shapes and shardings, or (without
+  one) a fresh state: never both alive at once."""
+  if ckpt.latest_step() is None:
+    return init_state(pipe, cfg, gen_tx, ta_tx)
+  like = st.abstract_train_state(gen_params=pipe.gen_init, ta_params=pipe.ref_params, gen_tx=gen_tx,
+                                 ta_tx=ta_tx, ema=cfg.align.ema_decay > 0, mesh=pipe.mesh)
+  return ckpt.restore(like)
+
+
 class LastMetrics:
   """Wraps a compiled chunk and keeps its last (device) metrics, to name a non-finite quantity."""
 
@@ -134,7 +145,7 @@ def check_finite(state, metrics, max_bad: int, step: int):
   bad = int(sharding.to_host(state.bad_steps))
   if max_bad <= 0 or bad < max_bad:
     return
-  host = {k: np.asarray(sharding.to_host(v)) for k, v in (metrics or {}).items()}
+  host = {k.removeprefix(RATIO_PREFIX): np.asarray(sharding.to_host(v)) for k, v in (metrics or {}).items()}
   names = [k for k in NONFINITE_ORDER if k in host] + sorted(k for k in host if k not in NONFINITE_ORDER)
   first = next((k for k in names if not np.all(np.isfinite(host[k]))), "gradients")
   raise NonFiniteError(f"{bad} consecutive non-finite generator updates at step {step}: first "
@@ -220,9 +231,7 @@ def run(cfg, workdir: str) -> dict:
       result[f"{prefix}_reward_mean"] = float(rewards.mean())
 
   with StopSignal() as stop:
-    state = init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"])
-    restored = ckpt.restore(state)
-    state = restored if restored is not None else state
+    state = restore_or_init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"], ckpt)
     chunks, clock, current = [0], [time.time()], [None]
 
     def on_chunk(step, st_, host):

@@ -66,7 +66,8 @@ def reduce_chunk_metrics(metrics: dict) -> dict:
   """Host means over a chunk's stacked per-step metrics (one device->host copy per chunk).
 
   "ratio:<name>" metrics are stacked (numerator, denominator) sums: they reduce to
-  sum(num) / sum(den) under "<name>", and are left out when the chunk saw no denominator.
+  sum(num) / sum(den) under "<name>", and are left out when the chunk saw no denominator. A
+  second moment "ratio:<name>_sq" next to "ratio:<name>" becomes "<name>_std".
   """
   from didr_jax.objectives.generator import RATIO_PREFIX
   from didr_jax.sharding import to_host
@@ -79,4 +80,6 @@ def reduce_chunk_metrics(metrics: dict) -> dict:
         out[k[len(RATIO_PREFIX):]] = float(num / den)
     else:
       out[k] = float(np.mean(v))
+  for k in [k for k in out if k.endswith("_sq") and k[:-3] in out]:
+    out[k[:-3] + "_std"] = float(np.sqrt(max(out.pop(k) - out[k[:-3]] ** 2, 0.0)))
   return out

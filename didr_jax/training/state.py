@@ -55,12 +55,38 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return opt
 
 
-def sharded_opt_init(tx, params, mesh):
-  """tx.init(params) jitted with out_shardings that follow the params (never replicated moments)."""
+def _opt_shardings(tx, params, mesh):
+  """Shardings of tx.init(params) that follow the params (never replicated moments); ``params``
+  may be arrays or ShapeDtypeStructs with shardings."""
   param_sh = jax.tree.map(lambda x: x.sharding, params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
-  return jax.jit(tx.init, out_shardings=opt_sh)(params)
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
+                               transform_non_params=lambda _: NamedSharding(mesh, P()))
+
+
+def sharded_opt_init(tx, params, mesh):
+  """tx.init(params) jitted with out_shardings that follow the params."""
+  return jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, mesh))(params)
+
+
+def abstract_train_state(*, gen_params, ta_params, gen_tx, ta_tx, ema: bool, mesh) -> TrainState:
+  """The TrainState ``init_train_state`` would build, as ShapeDtypeStructs with its shardings and
+  nothing allocated: the restore target of a resumed run (a fresh state next to the restored one
+  would double the peak memory)."""
+  def abstract(tree, sh=None):
+    sh = jax.tree.map(lambda x: x.sharding, tree) if sh is None else sh
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(lambda t: t, tree), sh)
+
+  def opt(tx, params):
+    return abstract(jax.eval_shape(tx.init, params), _opt_shardings(tx, params, mesh))
+
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  key = jax.eval_shape(jax.random.PRNGKey, 0)
+  return TrainState(step=scalar, gen_params=abstract(gen_params), ta_params=abstract(ta_params),
+                    gen_opt=opt(gen_tx, gen_params), ta_opt=opt(ta_tx, ta_params),
+                    gen_ema=abstract(gen_params) if ema else None,
+                    rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P())),
+                    bad_steps=scalar)
 
 
 def replicate(x, mesh):
