@@ -171,7 +171,7 @@ def main():
         chain.setdefault(mm, chain_step_gflops(pipe, base, args.batch * mm))
         extra = (kk - 2) * chain[mm]
     r["gflops_all"] = r["gflops"] * m + extra
-  print(f"\none DRP step (guided reference forward + its rematerialised VJP), GFLOPs per device: "
+  print("\none DRP step (guided reference forward + its rematerialised VJP), GFLOPs per device: "
         + ", ".join(f"{v:.2f} on {d} device(s)" for d, v in sorted(drp_call.items())))
   print("\n| step | K | devices | grad_accum | ms/step | GFLOPs (all K steps) | GFLOP/s | peak MiB/device "
         "| args MiB/device | temp MiB/device | compile s |")

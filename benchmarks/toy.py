@@ -95,7 +95,7 @@ def main():
       rows.append((f"outer step ({cfg.align.k_ta} TA + 1 gen): {method}", sec, cfg.align.k_ta * ta_fl + gen_fl))
   print(f"\nbackend {jax.default_backend()}, {jax.device_count()} device(s), batch {b}, "
         f"width {cfg.network.width} x depth {cfg.network.depth}; matmul peak {peak:.1f} GFLOP/s")
-  print(f"| step | ms/step | steps/s | MFLOP/step | GFLOP/s | % of matmul peak |")
+  print("| step | ms/step | steps/s | MFLOP/step | GFLOP/s | % of matmul peak |")
   print("|---|---|---|---|---|---|")
   for name, sec, fl in rows:
     gf = fl / sec / 1e9

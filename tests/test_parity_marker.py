@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TORCH_PACKAGES = {"torch", "torchvision", "diffusers", "open_clip", "timm"}

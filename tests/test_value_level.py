@@ -9,7 +9,6 @@ abar table, never from the code under test. DRP and DI*: tests/test_value_level_
 """
 import dataclasses
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

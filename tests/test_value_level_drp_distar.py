@@ -16,7 +16,7 @@ from didr_jax.objectives import ObjectiveConfig, generator_loss
 from didr_jax.objectives.drs import step_grid
 from didr_jax.objectives.generator import diffused_reward_shift
 from didr_jax.pipelines import experiment
-from tests.test_value_level import (B, B_REW, DIM, GEN, REF, SCHED, SHAPE, TA, GaussEps,
+from tests.test_value_level import (B, B_REW, DIM, GEN, REF, SHAPE, TA, GaussEps,
                                     affine_generator, flat, linear_reward, make_cond, np_as,
                                     np_features, np_gauss, np_uncond_features, sgd_generator_step,
                                     t2i_task)
