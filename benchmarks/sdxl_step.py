@@ -105,6 +105,7 @@ def config(args, method, k, accum=1, drs="drp", m=4):
   cfg = get_config("tiny")
   cfg.align.grad_accum = accum
   cfg.method = method
+  cfg.objective.weighting = "plain" if method == "distar" else cfg.objective.weighting   # DI*'s own w(t)
   cfg.objective.drs = drs
   cfg.objective.drp_k = k
   cfg.objective.snis_k, cfg.objective.snis_m = k, m

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 METHOD_KEYS = {"dipp": ("dipp/reward", "dipp/reward_std", "dipp/kl_grad_norm"),
                "distar": ("distar/reward", "distar/reward_std", "distar/pseudo_huber")}
-EXTRA = {"distar": ("--config.align.ta_warmup_steps=1",)}
+EXTRA = {"distar": ("--config.align.ta_warmup_steps=1", "--config.objective.weighting=plain")}
 WARMUP = {"distar": 1}
 
 

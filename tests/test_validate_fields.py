@@ -40,6 +40,19 @@ def test_t2i_field_is_named(field, value):
   _expect_one_line(validate, cfg, field)
 
 
+def test_t2i_distar_takes_plain_weighting():
+  """DI* weights its terms by its own w(t) = s^2/a; the KL methods' dmd2 normaliser is refused,
+  not ignored."""
+  from configs.sdxl import get_config
+  from didr_jax.pipelines.validate import validate
+  cfg = get_config("tiny")
+  _set(cfg, "method", "distar")
+  with pytest.raises(ConfigError, match=r"^config\.objective\.weighting: 'dmd2' .*weighting='plain'"):
+    validate(cfg)
+  _set(cfg, "objective.weighting", "plain")
+  validate(cfg)
+
+
 def test_t2i_real_run_reward_name_is_checked_before_paths():
   from configs.sdxl import get_config
   from didr_jax.pipelines.validate import validate

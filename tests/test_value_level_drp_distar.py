@@ -112,7 +112,7 @@ def distar_setup(placement, **objective):
   _, ta = nnx.split(GaussEps(TA))
   task, cfg = t2i_task("sdxl", graph)
   task = dataclasses.replace(task, generator_apply=affine_generator, reward_apply=linear_reward)
-  cfg.method, cfg.objective.cfg_placement = "distar", placement
+  cfg.method, cfg.objective.cfg_placement, cfg.objective.weighting = "distar", placement, "plain"
   for k, v in objective.items():
     setattr(cfg.objective, k, v)
   return task, experiment.objective_config(cfg), ref, ta

@@ -73,6 +73,9 @@ def default_runs(cfg) -> dict:
 
 def objective_config(cfg, method: str, estimator: str | None = None) -> ObjectiveConfig:
   """ObjectiveConfig of a method: ``cfg.objective``, the method, the DRS estimator's fields (DIDR,
-  ``sweep.estimator_objective``), and alpha_rew = beta = 1 (the scale is ``frozen["reward_scale"]``, see ``phases``' docstring)."""
-  drs = estimator_objective(estimator) if method == "didr" else {}
-  return ObjectiveConfig.from_group(cfg.objective, method=method, alpha_rew=1.0, beta=1.0, **drs)
+  ``sweep.estimator_objective``), weighting 'plain' for DI* (its own w(t)), and alpha_rew = beta =
+  1 (the scale is ``frozen["reward_scale"]``, see ``phases``' docstring)."""
+  extra = estimator_objective(estimator) if method == "didr" else {}
+  if method == "distar":   # DI* has its own w(t); objective.weighting normalises the KL methods
+    extra["weighting"] = "plain"
+  return ObjectiveConfig.from_group(cfg.objective, method=method, alpha_rew=1.0, beta=1.0, **extra)

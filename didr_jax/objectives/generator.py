@@ -61,6 +61,10 @@ class ObjectiveConfig:
                                  ("snis_variance", self.snis_variance, SNIS_VARIANCES)):
       if value not in allowed:
         raise ValueError(f"objective.{name}: {value!r} unknown; choose one of {allowed}")
+    if self.method == "distar" and self.weighting != "plain":
+      raise ValueError(f"objective.weighting: {self.weighting!r} normalises the KL gradient of "
+                       f"di, dipp and didr; distar weights its divergence term and its CFG term "
+                       f"by its own w(t) = s_t^2/a_t: set objective.weighting='plain'")
     if self.beta <= 0:
       raise ValueError(f"objective.beta: must be > 0, got {self.beta}")
     if self.drp_k < 1:
@@ -263,7 +267,9 @@ def _distar_loss(cfg, x0, x_t, t, a, s, eps, *, ta, ref, reward, cond):
   """DI*: -alpha r(x0) - w(t) d'(y)^T (s_psi(x_t) + eps / s_t), y = s_psi - s~_ref.
 
   Gradients flow through x_t into both factors and through the frozen networks' inputs.
-  [choice] w(t) = s_t^2 / a_t, which makes the term O(|D_psi - x0|) across noise levels.
+  [choice] w(t) = s_t^2 / a_t, which makes the term O(|D_psi - x0|) across noise levels. The
+  "out" CFG term carries the same w(t): w (s_guided - s_cond) = D_guided - D_cond, the D-space
+  difference it uses. ``weighting`` (the KL normaliser of the other methods) must be "plain".
   """
   xb = x_t
   sb = broadcast_to(s, xb)
