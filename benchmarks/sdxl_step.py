@@ -51,7 +51,7 @@ def drp_call_gflops(pipe, cfg) -> float:
   sampler = PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=0)
   cond = {k: v[0] for k, v in pipe.conds(sampler, 0, 1).items()}
   x = jax.device_put(jax.numpy.zeros((cfg.align.batch, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
-  t = jax.device_put(jax.numpy.full((cfg.align.batch,), 500.0), pipe.cond_sharding(1, False))
+  t = jax.device_put(jax.numpy.full((cfg.align.batch,), 500.0), pipe.cond_sharding(1, 0))
 
   def forward(p, x, t, c):
     return pipe.task.denoiser(p, cfg.objective.cfg_w)(x, t, c, True)[0]
@@ -71,7 +71,7 @@ def chain_step_gflops(pipe, cfg, rows: int) -> float:
   rep = rows // cfg.align.batch
   cond = {k: jax.numpy.repeat(v[0], rep, axis=0) for k, v in pipe.conds(sampler, 0, 1).items()}
   x = jax.device_put(jax.numpy.zeros((rows, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
-  t = jax.device_put(jax.numpy.full((rows,), 500.0), pipe.cond_sharding(1, False))
+  t = jax.device_put(jax.numpy.full((rows,), 500.0), pipe.cond_sharding(1, 0))
 
   def jvp(p, x, t, c):
     f = lambda y: pipe.task.denoiser(p, cfg.objective.cfg_w)(y, t, c, True)[0]
@@ -104,6 +104,7 @@ def measure(pipe, cfg, which: str, repeats: int):
 def config(args, method, k, accum=1, drs="drp", m=4):
   cfg = get_config("tiny")
   cfg.align.grad_accum = accum
+  cfg.align.fresh_ta_prompts = False   # the per-update programs measured here take one cond batch
   cfg.method = method
   cfg.objective.weighting = "plain" if method == "distar" else cfg.objective.weighting   # DI*'s own w(t)
   cfg.objective.drs = drs

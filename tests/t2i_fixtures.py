@@ -33,7 +33,7 @@ def sampler(cfg):
 
 
 def conds(pipe, step: int):
-  return pipe.conds(sampler(pipe.cfg), step, 1)
+  return pipe.gen_conds(pipe.conds(sampler(pipe.cfg), step, 1))
 
 
 def fresh_state(pipe, cfg):

@@ -98,7 +98,7 @@ def test_compiled_chunk_runs_step_after_step(pipe1, dipp_chunk):
   before = [sharding.to_host(x) for x in jax.tree.leaves(state.gen_params)]
   state = run_chunks(name="r", state=state, frozen=pipe1.frozen(), chunk=dipp_chunk,
                      steps_per_chunk=1, num_steps=3,
-                     conds_for=lambda s: pipe1.conds(sampler, s, 1), writer=None)
+                     conds_for=lambda s: tf.conds(pipe1, s), writer=None)
   assert int(sharding.to_host(state.step)) == 3 and int(sharding.to_host(state.bad_steps)) == 0
   after = [sharding.to_host(x) for x in jax.tree.leaves(state.gen_params)]
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)) > 0
@@ -239,11 +239,16 @@ def test_sd15_tiny_generator_reward_and_uncond():
   empty = pipe.encoder.encode([""])["context"][0]
   np.testing.assert_array_equal(sharding.to_host(pipe.encoder.uncond(cond)["context"])[1], empty)
   sampler = tf.sampler(cfg)   # precomputed: rows of the whole prompt set, looked up per step
-  conds = pipe.conds(sampler, 1, 2)
+  conds = pipe.conds(sampler, 1, 2)   # align.fresh_ta_prompts: 1 + k_ta batches per step
   assert pipe._table[1].rows["context"].shape[0] == len(cfg.tiny.prompts)
+  per = 1 + cfg.align.k_ta
+  gen, ta = sharding.to_host(conds["gen"]["context"]), sharding.to_host(conds["ta"]["context"])
+  assert ta.shape[:2] == (2, cfg.align.k_ta) and gen.shape[0] == 2
   for i, step in enumerate((1, 2)):
-    direct = pipe.encoder.encode(sampler.batch(step))["context"]
-    np.testing.assert_allclose(sharding.to_host(conds["context"])[i], direct, rtol=1e-5, atol=1e-6)
+    for j in range(per):     # sampler position step (1 + k_ta) + j; j = 0 is the generator's
+      direct = pipe.encoder.encode(sampler.batch(step * per + j))["context"]
+      np.testing.assert_allclose(gen[i] if j == 0 else ta[i, j - 1], direct, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(ta[0, 0], gen[0]) and not np.allclose(ta[0, 1], ta[0, 0])
 
 
 @pytest.mark.parity

@@ -298,6 +298,36 @@ def test_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert max(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps[0]
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_ta_update_gets_its_own_conds(fresh):
+  """StepConfig(fresh_ta_conds=True): the 2 TA updates of an outer step train on the conds of
+  cond["ta"][0] and cond["ta"][1], the generator update on cond["gen"] (a runtime callback records
+  the cond every generator call sees); False: all three use the step's one cond."""
+  import dataclasses
+  from didr_jax.toy import experiment
+  from didr_jax.training import state as st
+  from didr_jax.training.steps import StepConfig, make_outer_step
+  cfg = tiny_config("di", 1)
+  toy = experiment.Toy(cfg)
+  seen = []
+
+  def generator_apply(p, z, c):
+    jax.debug.callback(lambda m: seen.append(float(m)), jnp.mean(c))
+    return toy.task.generator_apply(p, z, None)
+
+  task = dataclasses.replace(toy.task, generator_apply=generator_apply)
+  obj = experiment.objective_config(cfg, "di")
+  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  outer = make_outer_step(task, obj, StepConfig(64, 2, fresh_ta_conds=fresh), gtx, ttx).outer
+  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
+                              ema=False, seed=0, mesh=toy.mesh)
+  full = lambda v: jnp.full((64,), v, jnp.float32)
+  cond = {"gen": full(5.0), "ta": jnp.stack([full(1.0), full(2.0)])} if fresh else full(5.0)
+  jax.block_until_ready(jax.jit(outer)(state, {"ref": toy.ref_init}, cond))
+  jax.effects_barrier()
+  assert sorted(seen) == ([1.0, 2.0, 5.0] if fresh else [5.0, 5.0, 5.0]), seen
+
+
 def test_reward_metrics_every_n_steps_runs_the_reward_on_each_nth_step_only():
   """StepConfig(reward_metrics_every=3) over a 6-step scanned chunk of DI: the reward runs on
   steps 3 and 6 only (a runtime callback records the step), and the chunk's reported reward is

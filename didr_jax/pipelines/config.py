@@ -83,6 +83,7 @@ def base_config(backbone: str, variant: str):
   c.align.steps = 20_000
   c.align.batch = 64                      # global
   c.align.k_ta = 5
+  c.align.fresh_ta_prompts = True         # each TA update its own prompt batch, as DMD2 (False: the step's)
   c.align.ta_warmup_steps = 300           # first outer steps: TA updates only (catch up with a distilled generator)
   c.align.grad_accum = 1                  # microbatches per update (same gradient, less activation memory)
   c.align.ta_t_range = (0, 999)

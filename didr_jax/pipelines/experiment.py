@@ -105,7 +105,8 @@ def build_training(pipe: T2I, cfg) -> dict:
   # only logged there, and the VAE decode + reward model is a large part of a generator step.
   step_cfg = StepConfig(batch_size=cfg.align.batch, k_ta=cfg.align.k_ta, ema_decay=cfg.align.ema_decay,
                         grad_accum=cfg.align.grad_accum,
-                        reward_metrics_every=cfg.train.steps_per_chunk)
+                        reward_metrics_every=cfg.train.steps_per_chunk,
+                        fresh_ta_conds=cfg.align.fresh_ta_prompts)
   steps = make_outer_step(pipe.task, objective_config(cfg), step_cfg, gen_tx, ta_tx,
                           batch_sharding=pipe.batch_sh)
   return dict(steps._asdict(), gen_tx=gen_tx, ta_tx=ta_tx)

@@ -138,10 +138,10 @@ class T2I:
   def reward_apply(self, frozen, x0, c):
     return self.reward.apply(frozen["reward"], self.decode(frozen["vae"], x0), c.get("reward_ids"))
 
-  def cond_sharding(self, ndim: int, leading: bool):
-    """Batch axis sharded over (data, fsdp); ``leading``: a [steps] axis in front."""
+  def cond_sharding(self, ndim: int, batch_axis: int):
+    """Axis ``batch_axis`` (the batch, behind any [steps] / [k_ta] axes) sharded over (data, fsdp)."""
     spec = [None] * ndim
-    spec[1 if leading else 0] = ("data", "fsdp")
+    spec[batch_axis] = ("data", "fsdp")
     return NamedSharding(self.mesh, P(*spec))
 
   def prompt_rows(self, sampler, position: int) -> dict:
@@ -157,12 +157,26 @@ class T2I:
     return self._table[1].lookup(sampler.indices(position))
 
   def conds(self, sampler, step: int, n: int) -> dict:
-    """Conds of global steps [step, step + n) stacked [n, B, ...] (the data position is the step)."""
+    """Conds of global steps [step, step + n), stacked [n, B, ...].
+
+    With ``align.fresh_ta_prompts`` each step draws 1 + k_ta prompt batches (sampler positions
+    step (1 + k_ta) + j): {"gen": j = 0 [n, B, ...], "ta": j = 1..k_ta [n, k_ta, B, ...]}, one
+    per TA update as DMD2 draws them; otherwise the step's one batch (position = step) serves all.
+    """
     import numpy as np
-    rows = [self.prompt_rows(sampler, step + i) for i in range(n)]
-    host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    return {k: jax.make_array_from_process_local_data(self.cond_sharding(v.ndim, True), v)
-            for k, v in host.items()}
+    per = 1 + self.cfg.align.k_ta if self.cfg.align.fresh_ta_prompts else 1
+    rows = [[self.prompt_rows(sampler, (step + i) * per + j) for j in range(per)] for i in range(n)]
+    to_device = lambda v, axis: jax.make_array_from_process_local_data(self.cond_sharding(v.ndim, axis), v)
+    gen = {k: to_device(np.stack([r[0][k] for r in rows]), 1) for k in rows[0][0]}
+    if per == 1:
+      return gen
+    ta = {k: to_device(np.stack([np.stack([r[j][k] for j in range(1, per)]) for r in rows]), 2)
+          for k in rows[0][0]}
+    return {"gen": gen, "ta": ta}
+
+  def gen_conds(self, conds) -> dict:
+    """The generator's part of ``conds``."""
+    return conds["gen"] if self.cfg.align.fresh_ta_prompts else conds
 
   def eval_inputs(self, prompts, seed: int):
     """Replicated (cond, z) for the fixed held-out prompts and seeds."""
@@ -177,7 +191,7 @@ class T2I:
     """The snis chains' variance table of the guided reference on initial-generator samples of the
     first training batch [choice: no data is at hand, and the initial generator is a distillation
     of the reference]."""
-    cond = jax.tree.map(lambda v: v[0], self.conds(sampler, 0, 1))
+    cond = jax.tree.map(lambda v: v[0], self.gen_conds(self.conds(sampler, 0, 1)))
     key = jax.random.PRNGKey(self.cfg.seed + 300)
     shape = (self.cfg.align.batch,) + tuple(self.task.sample_shape)
 

@@ -27,6 +27,9 @@ class StepConfig:
   ema_decay: float = 0.0           # 0: no EMA
   grad_accum: int = 1              # microbatches per update (same gradient, 1/grad_accum activations)
   reward_metrics_every: int = 1    # DI / DIDR: report the batch reward on every n-th step only
+  # A step's cond is {"gen": c, "ta": c stacked [k_ta]}: every TA update sees its own batch of
+  # conditions (DMD2 draws new prompts per fake-score update); False: one cond for all updates.
+  fresh_ta_conds: bool = False
 
   def __post_init__(self):
     if self.reward_metrics_every < 1:
@@ -144,18 +147,24 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
     return state.replace(gen_params=params, gen_opt=opt, gen_ema=ema, rng=rng,
                          step=state.step + 1, bad_steps=bad), metrics
 
+  def split(cond):
+    """(generator cond, the TA updates' stacked conds or None: all use the generator's)."""
+    return (cond["gen"], cond["ta"]) if step_cfg.fresh_ta_conds else (cond, None)
+
   def ta_updates(state: TrainState, frozen, cond):
     """k_ta TA updates; metrics of the last one, skipped updates summed."""
-    def ta_body(st, _):
-      return ta_update(st, frozen, cond)
-    state, ta_metrics = jax.lax.scan(ta_body, state, None, length=step_cfg.k_ta)
+    shared, ta_conds = split(cond)
+
+    def ta_body(st, c):
+      return ta_update(st, frozen, shared if c is None else c)
+    state, ta_metrics = jax.lax.scan(ta_body, state, ta_conds, length=step_cfg.k_ta)
     metrics = {k: v[-1] for k, v in ta_metrics.items()}
     metrics["ta_skipped"] = jnp.sum(ta_metrics["ta_skipped"])
     return state, metrics
 
   def outer_step(state: TrainState, frozen, cond):
     state, ta_metrics = ta_updates(state, frozen, cond)
-    state, gen_metrics = gen_update(state, frozen, cond)
+    state, gen_metrics = gen_update(state, frozen, split(cond)[0])
     return state, dict(gen_metrics, **ta_metrics)
 
   def ta_warmup_step(state: TrainState, frozen, cond):
