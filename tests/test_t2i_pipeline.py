@@ -93,7 +93,6 @@ def test_compiled_chunk_runs_step_after_step(pipe1, dipp_chunk):
   for 3 steps, and moves the generator. (That the step keeps its state's avals under plain jit:
   tests/test_value_level.py::test_jitted_outer_step_chunks_keep_their_avals.)"""
   assert isinstance(dipp_chunk, jax.stages.Compiled)
-  sampler = tf.sampler(pipe1.cfg)
   state = tf.fresh_state(pipe1, pipe1.cfg)
   before = [sharding.to_host(x) for x in jax.tree.leaves(state.gen_params)]
   state = run_chunks(name="r", state=state, frozen=pipe1.frozen(), chunk=dipp_chunk,
