@@ -298,6 +298,37 @@ def test_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert max(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps[0]
 
 
+def test_next_chunks_conds_are_prepared_before_this_chunks_metrics_are_read():
+  """run_chunks asks conds_for(next step) right after dispatching a chunk, before it reads that
+  chunk's metrics (the host work overlaps the running chunk); it asks each step once, and never a
+  step past the end."""
+  import flax.struct
+  from didr_jax.training.loop import run_chunks
+  events = []
+
+  class Metrics(dict):
+    def items(self):
+      events.append(("read", len([e for e in events if e[0] == "chunk"])))
+      return super().items()
+
+  def chunk(state, frozen, conds):
+    events.append(("chunk", conds))
+    return state.replace(step=state.step + 2), Metrics(loss=jnp.zeros((2,)))
+
+  class Writer:
+    def write(self, *a, **k):
+      pass
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+
+  run_chunks(name="t", state=State(step=jnp.zeros((), jnp.int32)), frozen=None, chunk=chunk, steps_per_chunk=2, num_steps=6,
+             conds_for=lambda s: events.append(("conds", s)) or s, writer=Writer())
+  assert events == [("conds", 0), ("chunk", 0), ("conds", 2), ("read", 1), ("chunk", 2), ("conds", 4),
+                    ("read", 2), ("chunk", 4), ("read", 3)], events
+
+
 @pytest.mark.parametrize("fresh", [True, False])
 def test_each_ta_update_gets_its_own_conds(fresh):
   """StepConfig(fresh_ta_conds=True): the 2 TA updates of an outer step train on the conds of

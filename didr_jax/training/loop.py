@@ -108,7 +108,9 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
                on_chunk: Callable | None = None):
   """Run ``chunk`` until ``state.step == num_steps``; returns the final state.
 
-  ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``.
+  ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``; the next
+  chunk's is prepared right after a chunk is dispatched, so its host work (sampling, tokenising,
+  table lookups) overlaps the running chunk instead of following the chunk's metrics read.
   Every process must call this with the same arguments: the stop votes are gathered after each chunk.
   """
   step = int(to_host(state.step))
@@ -116,10 +118,13 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
     start_together(name, step)
   progress = Progress(name, num_steps, step)
   n_chunk = 0
+  conds = conds_for(step) if step < num_steps else None
   while step < num_steps:
-    state, metrics = chunk(state, frozen, conds_for(step))
+    state, metrics = chunk(state, frozen, conds)
     step += steps_per_chunk
     n_chunk += 1
+    if step < num_steps:
+      conds = conds_for(step)
     host = None
     if writer is not None and (n_chunk % log_every_chunks == 0 or step >= num_steps):
       host = reduce_chunk_metrics(metrics)
