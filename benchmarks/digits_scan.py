@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from machine import LoadRecord  # benchmarks/ is this script's sys.path[0]
 
 
 def timed(fn, *args, reps: int = 10) -> float:
@@ -49,4 +50,6 @@ def main():
 
 
 if __name__ == "__main__":
+  record = LoadRecord()
   main()
+  record.done()

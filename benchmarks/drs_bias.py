@@ -17,6 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -124,11 +125,13 @@ def main():
     ring_names = tuple(n for n in names if not n.startswith("drp K=8"))
     results["ring"] = bias_tables(rp, schedule, drs_bias.exact_table(rp, schedule, key), ring_names,
                                   key, "2-D ring of 8 modes (radius 2, std 0.3), reward on x[0]")
-  print(f"\nwall {time.time() - t0:.0f}s, load {os.getloadavg()}")
+  print(f"\nwall {time.time() - t0:.0f}s")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
+  record = LoadRecord()
   main()
+  record.done()

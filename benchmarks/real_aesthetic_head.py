@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 
 
@@ -50,4 +51,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  record = LoadRecord()
+  code = main()
+  record.done()
+  sys.exit(code)

@@ -28,6 +28,7 @@ def parse_args(argv=None):
   ap.add_argument("--patch", type=int, default=14)
   ap.add_argument("--input", type=int, default=160, help="generated image size fed to the reward")
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--force", action="store_true", help="print the ratios on a busy machine too")
   ap.add_argument("--threads", type=int, default=1,
                   help="CPU threads for both frameworks (1: a like-for-like single-core comparison)")
   return ap.parse_args(argv)
@@ -46,6 +47,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.machine import LoadRecord  # noqa: E402
 from didr_jax import rewards  # noqa: E402
 from didr_jax.text import write_clip_tokenizer_files  # noqa: E402
 from didr_jax.weights.safetensors_io import write_safetensors  # noqa: E402
@@ -106,6 +108,7 @@ def timeit(fn, reps):
 
 
 def main(args):
+  record = LoadRecord(args.force)
   torch.set_num_threads(args.threads)
   root = tempfile.mkdtemp(prefix="reward_bench_")
   models, oc, oc_cfg, head, tok = build(root, args.width, args.layers, args.image, args.patch)
@@ -130,7 +133,7 @@ def main(args):
         f"({torch.get_num_threads()} threads); batch {args.batch}, input {args.input}px -> tower "
         f"{args.image}px/patch {args.patch}, width {args.width}, {args.layers} layers per tower; "
         f"best of {args.reps}, ms per image")
-  print(f"{'reward':<10} {'fwd ours':>9} {'fwd torch':>10} {'ratio':>6} {'f+b ours':>9} {'f+b torch':>10} {'ratio':>6} {'max|ds|':>8}")
+  rows = []
   for name, (kw, model, hf, kind, mode) in cases.items():
     reward = rewards.load(name, **kw)
     ids = None if kind == "aesthetic" else reward.tokenize([PROMPT] * args.batch)
@@ -146,9 +149,14 @@ def main(args):
     torch_f = timeit(lambda: run(False), args.reps)
     torch_fb = timeit(lambda: run(True), args.reps)
     err = float(np.abs(np.asarray(fwd(reward.params, images, ids)) - run(False)[0]).max())
-    b = args.batch
-    print(f"{name:<10} {1e3 * ours_f / b:9.2f} {1e3 * torch_f / b:10.2f} {torch_f / ours_f:6.2f} "
-          f"{1e3 * ours_fb / b:9.2f} {1e3 * torch_fb / b:10.2f} {torch_fb / ours_fb:6.2f} {err:8.1e}")
+    rows.append((name, ours_f, torch_f, ours_fb, torch_fb, err))
+  quiet = record.done()
+  ratio = lambda torch_s, ours_s: f"{torch_s / ours_s:6.2f}" if quiet else f"{'-':>6}"
+  b = args.batch
+  print(f"{'reward':<10} {'fwd ours':>9} {'fwd torch':>10} {'ratio':>6} {'f+b ours':>9} {'f+b torch':>10} {'ratio':>6} {'max|ds|':>8}")
+  for name, ours_f, torch_f, ours_fb, torch_fb, err in rows:
+    print(f"{name:<10} {1e3 * ours_f / b:9.2f} {1e3 * torch_f / b:10.2f} {ratio(torch_f, ours_f)} "
+          f"{1e3 * ours_fb / b:9.2f} {1e3 * torch_fb / b:10.2f} {ratio(torch_fb, ours_fb)} {err:8.1e}")
   print("ratio = torch time / ours (> 1: ours faster); max|ds| = largest score difference")
 
 

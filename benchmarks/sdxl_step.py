@@ -23,6 +23,7 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -132,7 +133,7 @@ def main():
   p.add_argument("--accums", default="1", help="grad_accum values of the 1-device didr K=2 rows")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device dense peak, for MFU")
   args = p.parse_args()
-  print(f"load before: {os.getloadavg()}", flush=True)
+  record = LoadRecord()
   n = jax.device_count()
   rows = []
   base = config(args, "didr", 2)
@@ -198,7 +199,7 @@ def main():
           f"of {args.peak_tflops} TFLOP/s per device")
   else:
     print("MFU: not measured (give --peak_tflops, the device's dense peak, on an accelerator)")
-  print(f"load after: {os.getloadavg()}")
+  record.done()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -112,4 +113,6 @@ def main():
 
 
 if __name__ == "__main__":
+  record = LoadRecord()
   main()
+  record.done()

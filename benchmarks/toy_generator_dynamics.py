@@ -18,6 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,7 +49,7 @@ def main():
   p.add_argument("--batch", type=int, default=2048)
   p.add_argument("--kernel_samples", type=int, default=1024)
   args = p.parse_args()
-  print(f"load before: {os.getloadavg()}", flush=True)
+  record = LoadRecord()
   cfg = get_config("")
   problem, schedule = ToyProblem.from_config(cfg.toy), make_schedule(cfg.schedule)
   mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:1])
@@ -106,7 +107,8 @@ def main():
   xs = np.asarray(gen(params, jnp.asarray(z)))[:, 0]
   print("map z -> x: " + "  ".join(f"{a:.2f}:{b:.2f}" for a, b in zip(z[:, 0], xs)))
   print(f"monotone: {bool(np.all(np.diff(xs) >= 0))}")
-  print(f"wall {time.time() - t0:.0f}s, load after: {os.getloadavg()}")
+  print(f"wall {time.time() - t0:.0f}s")
+  record.done()
 
 
 if __name__ == "__main__":
