@@ -87,7 +87,8 @@ def test_reward_scale_equals_objective_scale(method, drs, scale):
                             keys=jax.random.split(key[0], n))[0]
     return jax.jit(jax.grad(loss))(toy.gen_init)
 
-  base = dict(method=method, weighting="dmd2", drs=drs, drp_k=2, snis_k=2, snis_m=4)
+  base = dict(method=method, weighting="plain" if method == "distar" else "dmd2", drs=drs, drp_k=2,
+              snis_k=2, snis_m=4)   # DI* has its own w(t)
   if method == "didr":
     direct = ObjectiveConfig(**base, beta=scale)
   else:
