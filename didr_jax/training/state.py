@@ -72,21 +72,17 @@ def abstract_train_state(*, gen_params, ta_params, gen_tx, ta_tx, ema: bool, mes
   """The TrainState ``init_train_state`` would build, as ShapeDtypeStructs with its shardings and
   nothing allocated: the restore target of a resumed run (a fresh state next to the restored one
   would double the peak memory)."""
-  def abstract(tree, sh=None):
-    sh = jax.tree.map(lambda x: x.sharding, tree) if sh is None else sh
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        jax.eval_shape(lambda t: t, tree), sh)
-
   def opt(tx, params):
-    return abstract(jax.eval_shape(tx.init, params), _opt_shardings(tx, params, mesh))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(tx.init, params), _opt_shardings(tx, params, mesh))
 
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  replicated = NamedSharding(mesh, P())
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   key = jax.eval_shape(jax.random.PRNGKey, 0)
-  return TrainState(step=scalar, gen_params=abstract(gen_params), ta_params=abstract(ta_params),
+  return TrainState(step=scalar, gen_params=abstract_of(gen_params), ta_params=abstract_of(ta_params),
                     gen_opt=opt(gen_tx, gen_params), ta_opt=opt(ta_tx, ta_params),
-                    gen_ema=abstract(gen_params) if ema else None,
-                    rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P())),
-                    bad_steps=scalar)
+                    gen_ema=abstract_of(gen_params) if ema else None,
+                    rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), bad_steps=scalar)
 
 
 def replicate(x, mesh):
