@@ -10,12 +10,16 @@ optimised HLO keeps ``dim_labels=f01b_i01o->01bf``). This is why ``didr_jax/digi
 unrolls its chunks; the trainer's own ``lax.scan``s (``scan_chunk``, the k_ta TA updates, the
 DRP's K steps) hit it for every convolutional backbone on CPU.
 """
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from machine import LoadRecord  # benchmarks/ is this script's sys.path[0]
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.machine import LoadRecord  # noqa: E402
 
 
 def timed(fn, *args, reps: int = 10) -> float:

@@ -12,6 +12,19 @@ import pytest
 from tests.cli_util import free_port
 from tests.toy_tiny import dump_state, run_alignment, tiny_config
 
+
+def toy_steps(toy, cfg, method, step_cfg, task=None, ema=False):
+  """(AlignSteps, fresh TrainState) of the toy with the config's optimizers; ``task`` replaces the
+  toy's (a wrapped network or reward)."""
+  from didr_jax.toy import experiment
+  from didr_jax.training import state as st
+  from didr_jax.training.steps import make_outer_step
+  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
+  steps = make_outer_step(task or toy.task, experiment.objective_config(cfg, method), step_cfg, gtx, ttx)
+  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
+                              ema=ema, seed=0, mesh=toy.mesh)
+  return steps, state
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "toy_worker.py")
 
@@ -100,17 +113,13 @@ def test_resume_in_fresh_process_is_bitwise(tmp_path, eight_device_didr, worker_
 def test_nan_update_is_skipped_and_counted():
   """A non-finite generator loss leaves params and optimizer untouched and counts bad_steps."""
   from didr_jax.toy import experiment
-  from didr_jax.training import state as st
-  from didr_jax.training.steps import StepConfig, make_outer_step
+  from didr_jax.training.steps import StepConfig
   import dataclasses
   cfg = tiny_config("dipp", 1)
   toy = experiment.Toy(cfg)
   bad_task = dataclasses.replace(toy.task, reward_apply=lambda frozen, x0, c: jnp.full(x0.shape[:1], jnp.nan))
-  obj = experiment.objective_config(cfg, "dipp")
-  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  gen_update = make_outer_step(bad_task, obj, StepConfig(64, 1), gtx, ttx).gen_update
-  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
-                              ema=False, seed=0, mesh=toy.mesh)
+  steps, state = toy_steps(toy, cfg, "dipp", StepConfig(64, 1), task=bad_task)
+  gen_update = steps.gen_update
   before = dump_state(state)
   new, metrics = jax.jit(gen_update)(state, {"ref": toy.ref_init}, None)
   after = dump_state(new)
@@ -126,15 +135,10 @@ def test_ta_warmup_step_is_k_ta_updates_with_the_generator_frozen():
   """A TA warm-up step == k_ta TA updates in a row (bitwise), leaves the generator, its optimizer
   and EMA untouched, and advances the data position."""
   from didr_jax.toy import experiment
-  from didr_jax.training import state as st
-  from didr_jax.training.steps import StepConfig, make_outer_step
+  from didr_jax.training.steps import StepConfig
   cfg = tiny_config("didr_drp", 1)
   toy = experiment.Toy(cfg)
-  obj = experiment.objective_config(cfg, "didr_drp")
-  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  steps = make_outer_step(toy.task, obj, StepConfig(64, 2, ema_decay=0.9), gtx, ttx)
-  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
-                              ema=True, seed=0, mesh=toy.mesh)
+  steps, state = toy_steps(toy, cfg, "didr_drp", StepConfig(64, 2, ema_decay=0.9), ema=True)
   frozen = {"ref": toy.ref_init}
   before = dump_state(state)
   warm, metrics = jax.jit(steps.ta_warmup)(state, frozen, None)
@@ -323,8 +327,9 @@ def test_next_chunks_conds_are_prepared_before_this_chunks_metrics_are_read():
   class State:
     step: jax.Array
 
-  run_chunks(name="t", state=State(step=jnp.zeros((), jnp.int32)), frozen=None, chunk=chunk, steps_per_chunk=2, num_steps=6,
-             conds_for=lambda s: events.append(("conds", s)) or s, writer=Writer())
+  run_chunks(name="t", state=State(step=jnp.zeros((), jnp.int32)), frozen=None, chunk=chunk,
+             steps_per_chunk=2, num_steps=6, conds_for=lambda s: events.append(("conds", s)) or s,
+             writer=Writer())
   assert events == [("conds", 0), ("chunk", 0), ("conds", 2), ("read", 1), ("chunk", 2), ("conds", 4),
                     ("read", 2), ("chunk", 4), ("read", 3)], events
 
@@ -336,8 +341,7 @@ def test_each_ta_update_gets_its_own_conds(fresh):
   the cond every generator call sees); False: all three use the step's one cond."""
   import dataclasses
   from didr_jax.toy import experiment
-  from didr_jax.training import state as st
-  from didr_jax.training.steps import StepConfig, make_outer_step
+  from didr_jax.training.steps import StepConfig
   cfg = tiny_config("di", 1)
   toy = experiment.Toy(cfg)
   seen = []
@@ -347,11 +351,8 @@ def test_each_ta_update_gets_its_own_conds(fresh):
     return toy.task.generator_apply(p, z, None)
 
   task = dataclasses.replace(toy.task, generator_apply=generator_apply)
-  obj = experiment.objective_config(cfg, "di")
-  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  outer = make_outer_step(task, obj, StepConfig(64, 2, fresh_ta_conds=fresh), gtx, ttx).outer
-  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
-                              ema=False, seed=0, mesh=toy.mesh)
+  steps, state = toy_steps(toy, cfg, "di", StepConfig(64, 2, fresh_ta_conds=fresh), task=task)
+  outer = steps.outer
   full = lambda v: jnp.full((64,), v, jnp.float32)
   cond = {"gen": full(5.0), "ta": jnp.stack([full(1.0), full(2.0)])} if fresh else full(5.0)
   jax.block_until_ready(jax.jit(outer)(state, {"ref": toy.ref_init}, cond))
@@ -365,9 +366,8 @@ def test_reward_metrics_every_n_steps_runs_the_reward_on_each_nth_step_only():
   the mean of those two batches' rewards."""
   import dataclasses
   from didr_jax.toy import experiment
-  from didr_jax.training import state as st
   from didr_jax.training.metrics import reduce_chunk_metrics
-  from didr_jax.training.steps import StepConfig, make_outer_step, scan_chunk
+  from didr_jax.training.steps import StepConfig, scan_chunk
   cfg = tiny_config("di", 1)
   toy = experiment.Toy(cfg)
   seen = []
@@ -378,11 +378,8 @@ def test_reward_metrics_every_n_steps_runs_the_reward_on_each_nth_step_only():
     return r
 
   task = dataclasses.replace(toy.task, reward_apply=reward)
-  obj = experiment.objective_config(cfg, "di")
-  gtx, ttx = st.make_optimizer(cfg.align.gen_optimizer), st.make_optimizer(cfg.align.ta_optimizer)
-  outer = make_outer_step(task, obj, StepConfig(64, 1, reward_metrics_every=3), gtx, ttx).outer
-  state = st.init_train_state(gen_params=toy.gen_init, ta_params=toy.ref_init, gen_tx=gtx, ta_tx=ttx,
-                              ema=False, seed=0, mesh=toy.mesh)
+  steps, state = toy_steps(toy, cfg, "di", StepConfig(64, 1, reward_metrics_every=3), task=task)
+  outer = steps.outer
   state, metrics = jax.jit(scan_chunk(outer, 6))(state, {"ref": toy.ref_init}, None)
   jax.effects_barrier()
   assert int(state.step) == 6 and len(seen) == 2, seen
