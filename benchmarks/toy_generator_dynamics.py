@@ -30,7 +30,7 @@ from configs.toy import get_config  # noqa: E402
 from didr_jax import sharding  # noqa: E402
 from didr_jax.diffusion import make_schedule  # noqa: E402
 from didr_jax.toy import drs_bias  # noqa: E402
-from didr_jax.toy.networks import Generator  # noqa: E402
+from didr_jax.toy.networks import make_generator  # noqa: E402
 from didr_jax.toy.problem import ToyProblem, sample_metrics  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main():
   p.add_argument("--steps", type=int, default=6000)
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--width", type=int, default=32)
+  p.add_argument("--kind", choices=("mlp", "monotone"), default="mlp")
   p.add_argument("--t_max", type=float, default=0.98)
   p.add_argument("--batch", type=int, default=2048)
   p.add_argument("--kernel_samples", type=int, default=1024)
@@ -54,7 +55,7 @@ def main():
   problem, schedule = ToyProblem.from_config(cfg.toy), make_schedule(cfg.schedule)
   mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:1])
   graph, params = sharding.create_sharded(
-      lambda: Generator(1, args.width, cfg.generator.depth, rngs=nnx.Rngs(cfg.seed + 1)), mesh,
+      lambda: make_generator(1, args.kind, args.width, cfg.generator.depth, rngs=nnx.Rngs(cfg.seed + 1)), mesh,
       sharding.get_rules("replicated"))
   gen = lambda p, z: nnx.merge(graph, p)(z)
   grid = problem.grid()
@@ -100,7 +101,7 @@ def main():
   x = np.asarray(gen(params, jax.random.normal(jax.random.PRNGKey(100), (10_000, 1))))
   m = sample_metrics(problem, x)
   modes = " / ".join(f"{d['mass']:.3f}@{d['mean']:.2f}±{d['std']:.2f}" for d in m["mode_stats"])
-  print(f"width {args.width}, lr {args.lr}, {args.steps} steps, t in ({cfg.align.gen_t_range[0]}, "
+  print(f"{args.kind} width {args.width}, lr {args.lr}, {args.steps} steps, t in ({cfg.align.gen_t_range[0]}, "
         f"{args.t_max}): p_pos {m['p_pos']:.3f} W1 {m['w1']:.3f} off-manifold {m['off_manifold']:.4f} "
         f"|x| > 4.5: {np.mean(np.abs(x) > 4.5):.4f} modes {modes}")
   z = np.linspace(-3.0, 1.0, 17, dtype=np.float32)[:, None]

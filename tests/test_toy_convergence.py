@@ -1,5 +1,7 @@
 """Correctness of the toy end to end: DIDR with the exact DRS and with the shipped estimator
-(snis) reach p* (|P(x>0) - P*| <= 0.03), with the smooth reward and with the step reward 1[x > 0].
+(snis) reach p* (|P(x>0) - P*| <= 0.03), with the smooth reward and with the step reward 1[x > 0],
+and with the smooth reward also p*'s shape: W1 <= 0.12 and the negative mode where p* has it (a
+generator whose map folds spreads that mode over [-3, 0]: std about 0.9 for p*'s 0.5).
 
 Runs `configs/toy.py:fast` (learned reference, distilled generator, 3k alignment steps) through the
 CLI for the DIDR rows only. The check is correctness, not a ranking of methods.
@@ -57,3 +59,8 @@ def test_didr_reaches_p_star(tmp_path, shared, reward, p_star_expected):
   for name, didr in results["methods"].items():
     assert abs(didr["p_pos"] - p_star) <= 0.03, (name, didr["p_pos"], p_star)
     assert didr["off_manifold"] < 0.05, name
+    if reward == "sigmoid":
+      neg, target_neg = didr["mode_stats"][0], results["target"]["mode_stats"][0]
+      assert didr["w1"] <= 0.12, (name, didr["w1"])
+      assert abs(neg["mean"] - target_neg["mean"]) <= 0.15, (name, neg, target_neg)
+      assert neg["std"] <= target_neg["std"] + 0.2, (name, neg, target_neg)

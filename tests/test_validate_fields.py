@@ -65,6 +65,7 @@ def test_t2i_real_run_reward_name_is_checked_before_paths():
     ("methods", ("didr_mc",)), ("toy.reward", "relu"), ("objective.weighting", "dmd3"),
     ("objective.snis_variance", "global"), ("objective.distar_c", -1.0), ("objective.snis_m", 1),
     ("objective.drp_k", 0), ("toy.beta", 0.0), ("mesh.rules", "tp"), ("eval.bias_t_range", (0.5, 0.2)),
+    ("generator.kind", "flow"), ("train.parallel_methods", 0),
 ])
 def test_toy_field_is_named(field, value):
   from configs.toy import get_config
@@ -73,3 +74,13 @@ def test_toy_field_is_named(field, value):
   validate(cfg)
   _set(cfg, field, value)
   _expect_one_line(validate, cfg, field)
+
+
+def test_toy_monotone_generator_needs_1d():
+  from configs.toy import get_config
+  from didr_jax.toy.validate import validate
+  cfg = get_config()
+  cfg.generator.kind = "monotone"
+  validate(cfg)
+  cfg.toy.means = ((-2.0, 0.0), (2.0, 0.0))
+  _expect_one_line(validate, cfg, "generator.kind")

@@ -5,6 +5,7 @@ leaves ``workdir/methods/<name>.npz`` so a rerun of the same command skips it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ from didr_jax import log
 from flax import nnx
 
 from didr_jax import sharding
+from didr_jax.config_checks import fail
 from didr_jax.diffusion import ddim_sample, make_schedule
 from didr_jax.objectives import ObjectiveConfig, dsm_loss, mixture_drs, variance_table
 from didr_jax.training import state as st
@@ -27,7 +29,7 @@ from didr_jax.training.metrics import MetricWriter
 from didr_jax.training.steps import StepConfig, compile_chunk, make_fit_step, make_outer_step, scan_chunk
 from didr_jax.training.task import Task
 from didr_jax.toy import drs_bias, report
-from didr_jax.toy.networks import Denoiser, Generator
+from didr_jax.toy.networks import Denoiser, make_generator
 from didr_jax.toy.problem import ToyProblem, sample_metrics, target_summary
 
 TABLE_SAMPLES, TABLE_POINTS = 16_384, 64    # variance table: q0 samples and t points
@@ -73,7 +75,7 @@ class Toy:
     self.den_graph, self.ref_init = sharding.create_sharded(
         lambda: Denoiser(d, n.width, n.depth, n.time_dim, rngs=nnx.Rngs(cfg.seed)), self.mesh, self.rules)
     self.gen_graph, self.gen_init = sharding.create_sharded(
-        lambda: Generator(d, g.width, g.depth, rngs=nnx.Rngs(cfg.seed + 1)), self.mesh, self.rules)
+        lambda: make_generator(d, g.kind, g.width, g.depth, rngs=nnx.Rngs(cfg.seed + 1)), self.mesh, self.rules)
     self.batch_sh = sharding.batch_sharding(self.mesh, 2)
     problem = self.problem
     self.task = Task(
@@ -196,6 +198,39 @@ def align(toy: Toy, method: str, ref_params, gen_params, ckpt, writer, stop, tab
   return state
 
 
+def align_methods(toy: Toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
+                  workdir) -> dict:
+  """{method: future of (samples of the final generator, wall seconds)} for every method of the
+  config, queued on ``pool`` (``train.parallel_methods`` threads).
+
+  The methods are independent programs whose small steps keep about one CPU core busy each, so
+  threads (XLA releases the GIL while a program runs) run them side by side. A finished method
+  leaves ``methods/<name>.npz`` and is reused on a rerun.
+  """
+  cfg = toy.cfg
+
+  def one(method):
+    done = os.path.join(workdir, "methods", f"{method}.npz")
+    if os.path.exists(done):
+      with np.load(done) as f:
+        log.info("[%s] already finished; reusing %s", method, done)
+        return f["samples"], float(f["wall_s"])
+    t1 = time.time()
+    state = align(toy, method, ref_params, gen_params, ckpts[method], writer, stop, table)
+    method_samples = sharding.to_host(jax.jit(toy.generate)(state.gen_params, eval_z))
+    wall = time.time() - t1
+    if jax.process_index() == 0:
+      np.savez(done + ".tmp.npz", samples=method_samples, wall_s=wall)
+      os.replace(done + ".tmp.npz", done)
+    return method_samples, wall
+
+  os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+  # longest first (the posterior chains of snis / hybrid), so no thread idles at the end
+  order = sorted(cfg.methods, key=lambda m: objective_config(cfg, m).drs not in ("snis", "hybrid"))
+  futures = {m: pool.submit(one, m) for m in order}
+  return {m: futures[m] for m in cfg.methods}
+
+
 def estimator_bias(toy: Toy, ref_params, table, key) -> dict:
   """E[T_est] / E[T_exact] per t-bin for every DRS estimator (DRP at each eval K, snis, hybrid),
   with the run's learned reference and with the exact one, x_t from q_t (x0 ~ q0).
@@ -221,17 +256,22 @@ def estimator_bias(toy: Toy, ref_params, table, key) -> dict:
          "metric": "ratio = E[T_est] / E[T_exact] per t-bin, T = (s^2/a) DRS; integrated_bias = "
                    "sum(E T_est - E T_exact) / sum(E T_exact); rel_std = sqrt(E Var T_est) / rms T_exact",
          "learned_reference": {}, "exact_reference": {}}
+  t0 = time.time()
   for name, obj in variants.items():
     out["learned_reference"][name] = drs_bias.bias_per_bin(obj, problem, toy.schedule,
                                                            learned_table, key, ref=learned, **kw)
     out["exact_reference"][name] = drs_bias.bias_per_bin(obj, problem, toy.schedule, exact_table,
                                                          key, **kw)
+  log.info("estimator bias measured in %.0fs", time.time() - t0)
   return out
 
 
 def run(cfg, workdir: str) -> dict:
   """The whole toy experiment; writes config.json, results.{json,md}, samples.npz, densities.png,
   drp_bias.json, metrics.jsonl into ``workdir``."""
+  if jax.process_count() > 1 and cfg.train.parallel_methods > 1:
+    fail("train.parallel_methods", f"{cfg.train.parallel_methods} runs methods in threads, whose "
+                                   "collectives would interleave across processes; use 1 with several processes")
   os.makedirs(workdir, exist_ok=True)
   ids = identities(cfg)
   ckpts = phase_checkpointers(workdir, ids, cfg.checkpoint)
@@ -255,32 +295,34 @@ def run(cfg, workdir: str) -> dict:
     samples["generator_init"] = sharding.to_host(jax.jit(toy.generate)(gen_params, eval_z))
     for name in ("reference", "generator_init"):
       results[name] = sample_metrics(toy.problem, samples[name])
-    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
     didr = [m for m in cfg.methods if m.startswith("didr")]
     table = (drs_table(toy, ref_params, workdir)
              if didr and objective_config(cfg, "didr_snis").needs_drs_table else None)
-    for method in cfg.methods:
-      done = os.path.join(workdir, "methods", f"{method}.npz")
-      if os.path.exists(done):
-        with np.load(done) as f:
-          samples[method], wall = f["samples"], float(f["wall_s"])
-        log.info("[%s] already finished; reusing %s", method, done)
-      else:
-        t1 = time.time()
-        state = align(toy, method, ref_params, gen_params, ckpts[method], writer, stop, table)
-        samples[method] = sharding.to_host(jax.jit(toy.generate)(state.gen_params, eval_z))
-        wall = time.time() - t1
-        if jax.process_index() == 0:
-          np.savez(done + ".tmp.npz", samples=samples[method], wall_s=wall)
-          os.replace(done + ".tmp.npz", done)
-      results["methods"][method] = dict(sample_metrics(toy.problem, samples[method]), wall_s=wall)
-    if didr:
-      t1 = time.time()
-      bias = estimator_bias(toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
-      log.info("estimator bias measured in %.0fs", time.time() - t1)
-      if jax.process_index() == 0:
-        with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
-          json.dump(bias, f, indent=2)
+    t1 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(cfg.train.parallel_methods) as pool:
+      try:
+        queued = align_methods(toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
+                               workdir)
+        # the bias tables need only the reference: last in the queue, beside the last method
+        bias = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
+                if didr else None)
+        jobs = list(queued.values()) + ([bias] if bias is not None else [])
+        done, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for job in done:
+          if job.exception() is not None:    # the first failure (or stop) ends the wait
+            raise job.exception()
+        aligned = {m: f.result() for m, f in queued.items()}
+        bias = bias.result() if bias is not None else None
+      except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)   # running methods finish or stop on the signal
+        raise
+    results["alignment_wall_s"] = time.time() - t1
+    for method, (method_samples, wall) in aligned.items():
+      samples[method] = method_samples
+      results["methods"][method] = dict(sample_metrics(toy.problem, method_samples), wall_s=wall)
+    if bias is not None and jax.process_index() == 0:
+      with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
+        json.dump(bias, f, indent=2)
   for c in ckpts.values():
     c.close()
   writer.close()

@@ -27,6 +27,12 @@ def markdown(results: dict) -> str:
       lines.append(_row(name, results[name]))
   for name, m in results["methods"].items():
     lines.append(_row(name, m))
+  walls = [f"{label} {results[key]:.0f} s" for key, label in
+           (("pretraining_wall_s", "pre-training"), ("alignment_wall_s", "alignment, all methods"))
+           if key in results]
+  if walls:
+    lines += ["", "Wall time: " + "; ".join(walls) + " (a method's own wall overlaps the others' "
+              "when train.parallel_methods > 1)."]
   return "\n".join(lines) + "\n"
 
 

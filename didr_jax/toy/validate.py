@@ -10,6 +10,7 @@ from didr_jax.toy.experiment import objective_config
 
 TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "didr_snis", "didr_hybrid", "distar")
 TOY_REWARDS = ("sigmoid", "step")
+TOY_GENERATORS = ("mlp", "monotone")
 
 
 def validate(cfg) -> None:
@@ -31,6 +32,10 @@ def validate(cfg) -> None:
     fail("toy.beta", f"must be > 0, got {toy.beta}")
   if toy.tau <= 0:
     fail("toy.tau", f"must be > 0, got {toy.tau}")
+  if cfg.generator.kind not in TOY_GENERATORS:
+    fail("generator.kind", f"unknown {cfg.generator.kind!r}; choose from {TOY_GENERATORS}")
+  if cfg.generator.kind == "monotone" and len(toy.means[0]) != 1:
+    fail("generator.kind", "'monotone' is a map R -> R; a 2-D toy needs 'mlp'")
   if toy.reward not in TOY_REWARDS:
     fail("toy.reward", f"unknown {toy.reward!r}; choose from {TOY_REWARDS}")
   if cfg.objective.drp_k < 1:
@@ -73,6 +78,8 @@ def validate(cfg) -> None:
     group, key = name.split(".")
     if cfg[group][key] < 1:
       fail(name, f"must be >= 1, got {cfg[group][key]}")
+  if cfg.train.parallel_methods < 1:
+    fail("train.parallel_methods", f"must be >= 1, got {cfg.train.parallel_methods}")
   if cfg.align.ema_decay < 0 or cfg.align.ema_decay >= 1:
     fail("align.ema_decay", f"must be in [0, 1), got {cfg.align.ema_decay}")
   chunk = cfg.train.steps_per_chunk

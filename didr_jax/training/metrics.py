@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import jax
@@ -15,6 +16,7 @@ class MetricWriter:
     self.main = jax.process_index() == 0
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._lock = threading.Lock()     # the toy writes from one thread per method
     if self.main:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
@@ -26,7 +28,7 @@ class MetricWriter:
       return
     row = {"step": int(step)}
     row.update({f"{prefix}{k}": float(v) for k, v in scalars.items()})
-    with open(self.jsonl_path, "a") as f:
+    with self._lock, open(self.jsonl_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
