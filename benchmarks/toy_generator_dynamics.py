@@ -1,7 +1,7 @@
 """The toy's one-step generator under DIDR with every other quantity exact.
 
-  python benchmarks/toy_generator_dynamics.py                      # the paper's recipe (~7 min)
-  python benchmarks/toy_generator_dynamics.py --t_max=0.5 --width=128
+  python benchmarks/toy_generator_dynamics.py                      # the toy config's generator
+  python benchmarks/toy_generator_dynamics.py --kind=mlp --lr=1e-4 --t_max=0.98   # the paper's MLP
 
 Reference D_ref and the DRS shift T are the mixture's closed forms; the TA is replaced by the
 generator's own diffused posterior mean, a kernel estimate over fresh generator samples (no self
@@ -41,17 +41,17 @@ def kernel_denoiser(x_t, a, s, x_ref):
 
 
 def main():
+  cfg = get_config("")
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=6000)
-  p.add_argument("--lr", type=float, default=1e-4)
-  p.add_argument("--width", type=int, default=32)
-  p.add_argument("--kind", choices=("mlp", "monotone"), default="mlp")
-  p.add_argument("--t_max", type=float, default=0.98)
+  p.add_argument("--steps", type=int, default=cfg.align.steps)
+  p.add_argument("--lr", type=float, default=cfg.align.gen_optimizer.lr)
+  p.add_argument("--width", type=int, default=cfg.generator.width)
+  p.add_argument("--kind", choices=("mlp", "monotone"), default=cfg.generator.kind)
+  p.add_argument("--t_max", type=float, default=cfg.align.gen_t_range[1])
   p.add_argument("--batch", type=int, default=2048)
   p.add_argument("--kernel_samples", type=int, default=1024)
   args = p.parse_args()
   record = LoadRecord()
-  cfg = get_config("")
   problem, schedule = ToyProblem.from_config(cfg.toy), make_schedule(cfg.schedule)
   mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:1])
   graph, params = sharding.create_sharded(

@@ -304,15 +304,15 @@ def run(cfg, workdir: str) -> dict:
         queued = align_methods(toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
                                workdir)
         # the bias tables need only the reference: last in the queue, beside the last method
-        bias = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
-                if didr else None)
-        jobs = list(queued.values()) + ([bias] if bias is not None else [])
-        done, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
-        for job in done:
+        bias_job = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
+                    if didr else None)
+        jobs = list(queued.values()) + ([bias_job] if bias_job is not None else [])
+        finished, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for job in finished:
           if job.exception() is not None:    # the first failure (or stop) ends the wait
             raise job.exception()
         aligned = {m: f.result() for m, f in queued.items()}
-        bias = bias.result() if bias is not None else None
+        bias = bias_job.result() if bias_job is not None else None
       except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)   # running methods finish or stop on the signal
         raise
