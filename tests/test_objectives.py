@@ -89,11 +89,13 @@ def test_drp_scan_closed_form(k):
   """K=1 equals the exact DRS; K=2,4 equal the closed-form K-step DDIM Jacobian (biased)."""
   x, t = _xt()
   reward = lambda x0, c: x0 @ B
-  drp, r_phi = jax.jit(lambda x, t: drp_estimate(_ref, reward, SCHED, x, t, None, k, BETA))(x, t)
+  drp, r_phi, d_first = jax.jit(lambda x, t: drp_estimate(_ref, reward, SCHED, x, t, None, k, BETA))(x, t)
   expected = _k_step_jacobian(t, k)[:, None] * B / BETA
   chex.assert_trees_all_close(drp, expected, atol=1e-5, rtol=1e-4)
+  a, s = SCHED.alpha_sigma(t)      # the chain's first call is the posterior mean at (x_t, t)
+  gain = (a * V0 / (a ** 2 * V0 + s ** 2))[:, None]
+  chex.assert_trees_all_close(d_first, MU + gain * (x - a[:, None] * MU), atol=1e-5, rtol=1e-4)
   assert r_phi.shape == (x.shape[0],)
-  a, s = SCHED.alpha_sigma(t)
   exact = gaussian_linear_drs(a, s, V0, B, BETA)
   if k == 1:
     chex.assert_trees_all_close(drp, exact, atol=1e-5, rtol=1e-4)

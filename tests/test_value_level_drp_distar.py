@@ -16,7 +16,7 @@ from didr_jax.objectives import ObjectiveConfig, generator_loss
 from didr_jax.objectives.drs import step_grid
 from didr_jax.objectives.generator import diffused_reward_shift
 from didr_jax.pipelines import experiment
-from tests.test_value_level import (B, B_REW, DIM, GEN, REF, SHAPE, TA, GaussEps,
+from tests.test_value_level import (B, B_REW, BETA, DIM, GEN, REF, SHAPE, TA, GaussEps, didr_task,
                                     affine_generator, flat, linear_reward, make_cond, np_as,
                                     np_features, np_gauss, np_uncond_features, sgd_generator_step,
                                     t2i_task)
@@ -74,6 +74,39 @@ def test_drp_k2_on_the_rounded_grid_equals_the_analytic_jacobian(cfg_w):
   np.testing.assert_allclose(flat(shift), (s2 ** 2 / a2)[:, None] * drp, rtol=2e-4, atol=1e-5)
   r_phi = phi @ B_REW + 0.5 * q * np.sum(phi ** 2, -1)
   np.testing.assert_allclose(metrics["drp_reward"], np.mean(r_phi), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_didr_drp_generator_step_takes_d_ref_from_the_chains_first_call(k):
+  """The t2i default objective (dmd2, cfg_w = 7.5) with the DRP: grad = mean_b w'_b (D_ta - D~ -
+  (s^2/a) DRP_b) dx0_b/dtheta with w' = 1 / mean|x0 - D~(x_t, t)|. The trainer takes D~(x_t, t)
+  from the DRP chain's first reference call instead of a second call: a chain that started at any
+  other time (t_1 = round(t / 2) at K = 2) would move w' and the KL part."""
+  task, obj, ref, ta = didr_task()
+  obj = dataclasses.replace(obj, drs="drp", drp_k=k)
+  cond = make_cond("sdxl", 9)
+  grad, metrics, z, t, eps = sgd_generator_step(task, obj, ta, ref, cond, seed=5)
+  a2, s2 = np_as(t)
+  x0 = z @ GEN["A"].T + GEN["c"]
+  x = a2[:, None] * x0 + s2[:, None] * eps
+  f_c, f_u = np_features(cond, "sdxl"), np_uncond_features(B, "sdxl")
+  d2, g2 = np_guided(f_c, f_u, x, t, 7.5)
+  if k == 1:
+    jac = g2
+  else:
+    t1 = np.round(t / 2)
+    a1, s1 = np_as(t1)
+    _, g1 = np_guided(f_c, f_u, a1[:, None] * d2 + s1[:, None] * (x - a2[:, None] * d2) / s2[:, None],
+                      t1, 7.5)
+    jac = g1 * ((a1 - s1 * a2 / s2) * g2 + s1 / s2)
+  shift = (s2 ** 2 / a2 * jac / BETA)[:, None] * B_REW
+  w = 1.0 / np.mean(np.abs(x0 - d2), axis=1)
+  g = w[:, None] * (np_gauss(TA, f_c, x, t)[0] - d2 - shift)
+  scale = float(np.max(np.abs(g)))       # float32 steps; s^2/a reaches 120 at t = 980
+  np.testing.assert_allclose(grad["c"], g.mean(0), rtol=5e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(grad["A"], g.T @ z / B, rtol=5e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(metrics["drs_grad_norm"],
+                             np.mean(np.linalg.norm(w[:, None] * shift, axis=1)), rtol=1e-5)
 
 
 # ---- 4. DI*: cfg_placement "out" and "in", values and gradients ----------------------------------

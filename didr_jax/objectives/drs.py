@@ -114,33 +114,41 @@ def step_grid(schedule, t, j, k):
 
 
 def drp_denoise(ref_denoise, schedule, x_t, t, cond, k: int):
-  """Phi_K(x_t, t): K-1 deterministic DDIM steps of the reference, then its denoiser at t_1.
+  """(Phi_K(x_t, t), D_ref(x_t, t)): K-1 deterministic DDIM steps of the reference, then its
+  denoiser at t_1; and the first call's denoiser output, which callers reuse as D_ref(x_t, t)
+  instead of running the reference at (x_t, t) a second time.
 
   ``ref_denoise(x, t, cond) -> (D, eps_hat)`` is the frozen (guided) reference. All K reference
   calls are one ``lax.scan`` whose body is rematerialised, so memory does not grow with K (the
   last iteration returns D instead of stepping). Scanning all K calls, not K-1, matters: XLA
   inlines a one-trip loop and its remat with it; with K-1 scanned steps the K = 2 generator step
   needed 190.6 MiB of temporaries against 124.2 MiB at K = 3 (benchmarks/sdxl_step.py scale,
-  8 CPU devices), with K scanned calls both need 102.7 MiB.
+  8 CPU devices), with K scanned calls both need 102.7 MiB. The first call runs at t itself
+  (t_K = t), so its D is the reference's D at (x_t, t).
   """
   if k < 1:
     raise ValueError(f"DRP steps K must be >= 1, got {k}")
 
   def body(x, j):
-    d, eps_hat = ref_denoise(x, step_grid(schedule, t, j, k), cond)
+    d, eps_hat = ref_denoise(x, jnp.where(j == k, t, step_grid(schedule, t, j, k)), cond)
     a_next, s_next = schedule.alpha_sigma(step_grid(schedule, t, j - 1, k))
-    return jnp.where(j > 1, ddim_step(d, eps_hat, a_next, s_next), d).astype(x.dtype), None
+    return jnp.where(j > 1, ddim_step(d, eps_hat, a_next, s_next), d).astype(x.dtype), d
 
-  x0, _ = jax.lax.scan(jax.checkpoint(body), x_t, jnp.arange(k, 0, -1))
-  return x0
+  x0, ds = jax.lax.scan(jax.checkpoint(body), x_t, jnp.arange(k, 0, -1))
+  return x0, ds[0]
 
 
 def drp_estimate(ref_denoise, reward, schedule, x_t, t, cond, k: int, beta: float):
-  """(DRP, r(Phi_K(x_t))): DRP(x_t, t) = (1/beta) J_{Phi_K}(x_t)^T grad r(Phi_K(x_t)), the DRS
-  estimate itself, per sample (rewards are per-sample functions, so one VJP of their sum suffices)."""
-  rewards, vjp = jax.vjp(lambda x: reward(drp_denoise(ref_denoise, schedule, x, t, cond, k), cond), x_t)
+  """(DRP, r(Phi_K(x_t)), D_ref(x_t, t)): DRP(x_t, t) = (1/beta) J_{Phi_K}(x_t)^T grad r(Phi_K(x_t)),
+  the DRS estimate itself, per sample (rewards are per-sample functions, so one VJP of their sum
+  suffices); the reference's D at (x_t, t) comes from the chain's first call (no gradient)."""
+  def reward_of_chain(x):
+    x0, d_first = drp_denoise(ref_denoise, schedule, x, t, cond, k)
+    return reward(x0, cond), d_first
+
+  rewards, vjp, d_first = jax.vjp(reward_of_chain, x_t, has_aux=True)
   (grad,) = vjp(jnp.ones_like(rewards))
-  return grad / beta, rewards
+  return grad / beta, rewards, jax.lax.stop_gradient(d_first)
 
 
 __all__ = ["GaussianMixture", "drp_denoise", "drp_estimate", "gauss_hermite_log_mgf",

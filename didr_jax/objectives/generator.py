@@ -129,9 +129,17 @@ def kl_weight(cfg: ObjectiveConfig, x0, d_ref):
   return jnp.nan_to_num(1.0 / norm, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t, cond, keys=None,
-                          drs_table=None, exact_drs=None, d_ref=None):
-  """(T, metrics): the D-space DRS correction T = (s^2/a) DRS that moves D_ref toward D*_t.
+def diffused_reward_shift(cfg: ObjectiveConfig, **kwargs):
+  """(T, metrics) of :func:`shift_and_d_ref`."""
+  shift, metrics, _ = shift_and_d_ref(cfg, **kwargs)
+  return shift, metrics
+
+
+def shift_and_d_ref(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t, cond, keys=None,
+                    drs_table=None, exact_drs=None, d_ref=None):
+  """(T, metrics, D_ref): the D-space DRS correction T = (s^2/a) DRS that moves D_ref toward D*_t,
+  and the guided D_ref(x_t): ``d_ref`` when given, else the DRP's first reference call (drp,
+  hybrid), else None.
 
   ``x_t`` is under stop-gradient; ``keys`` [B, 2] per-row keys for the stochastic estimators,
   ``drs_table`` their variance table (docs/method.md 4); ``d_ref`` the guided D_ref(x_t) when
@@ -144,19 +152,20 @@ def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t
   to_d = broadcast_to(s ** 2 / a, x_t)
   guided = lambda x, tt, c: ref(x, tt, c, True)
   metrics = {}
-  if cfg.drs == "exact":
-    if exact_drs is None:
-      raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
-    return to_d * at_least_f32(exact_drs(x_t, t, cond)), metrics
   if cfg.drs in ("drp", "hybrid"):
-    drs, r_phi = drp_estimate(guided, reward, schedule, x_t, t, cond,
-                              cfg.drp_k if cfg.drs == "drp" else 1, cfg.beta)
+    drs, r_phi, d_first = drp_estimate(guided, reward, schedule, x_t, t, cond,
+                                       cfg.drp_k if cfg.drs == "drp" else 1, cfg.beta)
+    d_ref = d_first if d_ref is None else d_ref
     t_drp = to_d * at_least_f32(drs)
     if cfg.drs == "drp" and cfg.drp_t_max >= 0:
       t_drp = t_drp * broadcast_to((t <= cfg.drp_t_max).astype(t_drp.dtype), t_drp)
     metrics["drp_reward"] = jnp.mean(r_phi)
     if cfg.drs == "drp":
-      return t_drp, metrics
+      return t_drp, metrics, d_ref
+  if cfg.drs == "exact":
+    if exact_drs is None:
+      raise ValueError("objective.drs='exact' needs an analytic prior (the task gives no exact_drs)")
+    return to_d * at_least_f32(exact_drs(x_t, t, cond)), metrics, d_ref
   if keys is None:
     raise ValueError(f"objective.drs={cfg.drs!r} draws posterior samples: pass per-row keys")
   if cfg.snis_variance == "table" and drs_table is None:
@@ -182,7 +191,7 @@ def diffused_reward_shift(cfg: ObjectiveConfig, *, ref, reward, schedule, x_t, t
   ess = jnp.zeros_like(used).at[::stride].set(snis_metrics["ess"])
   metrics["snis_ess"] = jnp.sum(used * ess) / jnp.maximum(jnp.sum(used), 1.0)
   metrics.update(tbin_ratios("snis_ess", schedule, t, used * ess, used))
-  return t_snis, metrics
+  return t_snis, metrics, d_ref
 
 
 def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule, z, cond, t, eps,
@@ -201,17 +210,21 @@ def generator_loss(cfg: ObjectiveConfig, *, generate, ta, ref, reward, schedule,
     return _distar_loss(cfg, x0, x_t, t, a, s, eps, ta=ta, ref=ref, reward=reward, cond=cond)
 
   d_ta, _ = ta(sg(x_t), t, cond)
-  d_ref, _ = ref(sg(x_t), t, cond, True)
+  metrics = {}
+  # The DRP's first reference call is D_ref(x_t): DIDR with drp / hybrid does not run it again.
+  drp_gives_d_ref = cfg.method == "didr" and cfg.drs in ("drp", "hybrid")
+  d_ref = None if drp_gives_d_ref else ref(sg(x_t), t, cond, True)[0]
+  if cfg.method == "didr":
+    shift_d, drs_metrics, d_ref = shift_and_d_ref(cfg, ref=ref, reward=reward, schedule=schedule,
+                                                  x_t=sg(x_t), t=t, cond=cond, keys=keys,
+                                                  drs_table=drs_table, exact_drs=exact_drs,
+                                                  d_ref=d_ref)
+    metrics.update(drs_metrics)
   w = kl_weight(cfg, x0, d_ref)
   g = broadcast_to(w, x0) * (d_ta - d_ref)
   kl_norm = jnp.sqrt(_per_sample_sum(g ** 2))
-  metrics = {"kl_grad_norm": jnp.mean(kl_norm)}
+  metrics["kl_grad_norm"] = jnp.mean(kl_norm)
   if cfg.method == "didr":
-    shift_d, drs_metrics = diffused_reward_shift(cfg, ref=ref, reward=reward, schedule=schedule,
-                                                 x_t=sg(x_t), t=t, cond=cond, keys=keys,
-                                                 drs_table=drs_table, exact_drs=exact_drs,
-                                                 d_ref=d_ref)
-    metrics.update(drs_metrics)
     # T = (s^2/a) DRS moves D_ref toward D*_t; with w' it keeps lambda_r = w' s^2/a^2
     # (docs/method.md 3.4).
     shift = broadcast_to(w, x0) * shift_d
