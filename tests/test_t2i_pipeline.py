@@ -136,20 +136,24 @@ def test_nan_reward_skipped_then_stops(pipe1, dipp_chunk):
   frozen["reward"] = jax.tree.map(lambda x: x * np.float32("nan"), frozen["reward"])  # same shapes
   state = tf.fresh_state(pipe1, cfg)
   before = jax.tree.map(sharding.to_host, state.gen_params)
-  held = experiment.LastMetrics(chunk)
   seen = []
 
-  def on_chunk(step, st_, host):
-    seen.append(int(sharding.to_host(st_.bad_steps)))
+  def on_chunk(step, st_):
+    seen.append(("state", step, int(sharding.to_host(st_.bad_steps))))
     if step == 1:
       for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(st_.gen_params)):
         np.testing.assert_array_equal(x, sharding.to_host(y))
-    experiment.check_finite(st_, held.metrics, 2, step)
 
-  with pytest.raises(NonFiniteError, match="first non-finite quantity 'reward'"):
-    run_chunks(name="nan", state=state, frozen=frozen, chunk=held, steps_per_chunk=1, num_steps=5,
-               conds_for=lambda s: tf.conds(pipe1, s), writer=None, on_chunk=on_chunk)
-  assert seen == [1, 2]
+  def on_settled(step, metrics, host):
+    seen.append(("metrics", step, int(sharding.to_host(metrics["bad_steps"])[-1])))
+    experiment.check_finite(metrics, 2, step)
+
+  with pytest.raises(NonFiniteError, match="2 consecutive .* at step 2: first non-finite quantity 'reward'"):
+    run_chunks(name="nan", state=state, frozen=frozen, chunk=chunk, steps_per_chunk=1, num_steps=5,
+               conds_for=lambda s: tf.conds(pipe1, s), writer=None, on_chunk=on_chunk,
+               on_settled=on_settled)
+  # a step's metrics are read after the next step is dispatched, one chunk late
+  assert seen == [("state", 1, 1), ("metrics", 1, 1), ("state", 2, 2), ("metrics", 2, 2)], seen
 
 
 # ---- bad inputs: named errors before any model is built or compiled ----

@@ -302,10 +302,10 @@ def test_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert max(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps[0]
 
 
-def test_next_chunks_conds_are_prepared_before_this_chunks_metrics_are_read():
-  """run_chunks asks conds_for(next step) right after dispatching a chunk, before it reads that
-  chunk's metrics (the host work overlaps the running chunk); it asks each step once, and never a
-  step past the end."""
+def test_metrics_are_read_one_chunk_late():
+  """run_chunks asks conds_for(next step) right after dispatching a chunk and reads a chunk's
+  metrics only after the next chunk is dispatched (the host work overlaps the running chunk); the
+  last chunk's are read at the end; it asks each step once, and never a step past the end."""
   import flax.struct
   from didr_jax.training.loop import run_chunks
   events = []
@@ -330,8 +330,42 @@ def test_next_chunks_conds_are_prepared_before_this_chunks_metrics_are_read():
   run_chunks(name="t", state=State(step=jnp.zeros((), jnp.int32)), frozen=None, chunk=chunk,
              steps_per_chunk=2, num_steps=6, conds_for=lambda s: events.append(("conds", s)) or s,
              writer=Writer())
-  assert events == [("conds", 0), ("chunk", 0), ("conds", 2), ("read", 1), ("chunk", 2), ("conds", 4),
-                    ("read", 2), ("chunk", 4), ("read", 3)], events
+  assert events == [("conds", 0), ("chunk", 0), ("conds", 2), ("chunk", 2), ("conds", 4), ("read", 2),
+                    ("chunk", 4), ("read", 3), ("read", 3)], events
+
+
+def test_a_chunk_is_settled_before_it_is_saved(tmp_path):
+  """A chunk that is saved (the save interval, the end) has its metrics read first, so
+  ``on_settled`` can refuse the state before it reaches a checkpoint: here it raises at step 4
+  (a save step) and the checkpoint keeps step 2."""
+  import flax.struct
+  from didr_jax.training.checkpoint import Checkpointer
+  from didr_jax.training.loop import run_chunks
+  events = []
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+
+  def chunk(state, frozen, conds):
+    events.append(("chunk", int(state.step)))
+    return state.replace(step=state.step + 1), {"bad": jnp.asarray([float(int(state.step) + 1 >= 4)])}
+
+  def on_settled(step, metrics, host):
+    events.append(("settled", step))
+    if float(metrics["bad"][0]):
+      raise FloatingPointError(f"refused at {step}")
+
+  ck = Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=3, save_every=2, async_save=False)
+  with pytest.raises(FloatingPointError, match="refused at 4"):
+    run_chunks(name="s", state=State(step=jnp.zeros((), jnp.int32)), frozen=None, chunk=chunk,
+               steps_per_chunk=1, num_steps=8, conds_for=lambda s: None, checkpointer=ck, writer=None,
+               on_settled=on_settled)
+  ck.close()
+  assert events == [("chunk", 0), ("chunk", 1), ("settled", 1), ("settled", 2), ("chunk", 2),
+                    ("chunk", 3), ("settled", 3), ("settled", 4)], events
+  assert Checkpointer(str(tmp_path / "ck"), identity={"t": 1}, max_to_keep=3,
+                      save_every=2).manager.all_steps() == [2]
 
 
 @pytest.mark.parametrize("fresh", [True, False])

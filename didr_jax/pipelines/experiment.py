@@ -130,23 +130,15 @@ def restore_or_init_state(pipe: T2I, cfg, gen_tx, ta_tx, ckpt: Checkpointer):
   return ckpt.restore(like)
 
 
-class LastMetrics:
-  """Wraps a compiled chunk and keeps its last (device) metrics, to name a non-finite quantity."""
-
-  def __init__(self, chunk):
-    self.chunk, self.metrics = chunk, None
-
-  def __call__(self, state, frozen, conds):
-    state, self.metrics = self.chunk(state, frozen, conds)
-    return state, self.metrics
-
-
-def check_finite(state, metrics, max_bad: int, step: int):
-  """NonFiniteError naming the first non-finite quantity after ``max_bad`` skipped updates in a row."""
-  bad = int(sharding.to_host(state.bad_steps))
-  if max_bad <= 0 or bad < max_bad:
+def check_finite(metrics, max_bad: int, step: int):
+  """NonFiniteError naming the first non-finite quantity of a chunk's ``metrics`` when its last
+  step left ``max_bad`` or more skipped generator updates in a row (``bad_steps``)."""
+  if max_bad <= 0 or "bad_steps" not in metrics:
     return
-  host = {k.removeprefix(RATIO_PREFIX): np.asarray(sharding.to_host(v)) for k, v in (metrics or {}).items()}
+  host = {k.removeprefix(RATIO_PREFIX): np.asarray(sharding.to_host(v)) for k, v in metrics.items()}
+  bad = int(host["bad_steps"].reshape(-1)[-1])
+  if bad < max_bad:
+    return
   names = [k for k in NONFINITE_ORDER if k in host] + sorted(k for k in host if k not in NONFINITE_ORDER)
   first = next((k for k in names if not np.all(np.isfinite(host[k]))), "gradients")
   raise NonFiniteError(f"{bad} consecutive non-finite generator updates at step {step}: first "
@@ -233,18 +225,20 @@ def run(cfg, workdir: str) -> dict:
 
   with StopSignal() as stop:
     state = restore_or_init_state(pipe, cfg, parts["gen_tx"], parts["ta_tx"], ckpt)
-    chunks, clock, current = [0], [time.time()], [None]
+    chunks, clock = [0], [time.time()]
 
-    def on_chunk(step, st_, host):
-      check_finite(st_, current[0].metrics, cfg.align.max_bad_steps, step)
+    def on_chunk(step, st_):
       chunks[0] += 1
+      if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
+        evaluate(step, st_)
+
+    def on_settled(step, metrics, host):
+      check_finite(metrics, cfg.align.max_bad_steps, step)
       now = time.time()
-      if host is not None:   # wall time per outer step (includes host-side prompt encoding)
+      if host is not None:   # wall time per outer step between settled chunks
         dt = (now - clock[0]) / n
         writer.write(step, {"step_time_s": dt, "images_per_s": cfg.align.batch / dt}, prefix="perf/")
       clock[0] = now
-      if chunks[0] % cfg.eval.every_chunks == 0 and step < cfg.align.steps:
-        evaluate(step, st_)
 
     warmup = cfg.align.ta_warmup_steps
     phases = [("ta_warmup", warmup, f"align/{cfg.method}/ta_warmup"),
@@ -256,14 +250,14 @@ def run(cfg, workdir: str) -> dict:
       if which == "ta_warmup":
         log.info("TA warm-up: steps %d..%d run %d TA updates each, the generator is frozen",
                  start + 1, until, cfg.align.k_ta)
-      current[0] = LastMetrics(compile_chunk(scan_chunk(parts[which], n), state, frozen,
-                                             pipe.conds(sampler, start, n), pipe.mesh, what))
+      chunk = compile_chunk(scan_chunk(parts[which], n), state, frozen, pipe.conds(sampler, start, n),
+                            pipe.mesh, what)
       try:
-        state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=current[0],
+        state = run_chunks(name=cfg.method, state=state, frozen=frozen, chunk=chunk,
                            steps_per_chunk=n, num_steps=until,
                            conds_for=lambda s: pipe.conds(sampler, s, n), checkpointer=ckpt,
                            writer=writer, stop=stop, log_every_chunks=cfg.train.log_every_chunks,
-                           on_chunk=on_chunk)
+                           on_chunk=on_chunk, on_settled=on_settled)
       except NonFiniteError:
         ckpt.close()           # let pending async saves of the last good state finish
         raise

@@ -100,6 +100,10 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_of(like)), meta=ocp.args.JsonRestore()))
     return out["state"]
 
+  def due(self, step: int) -> bool:
+    """Whether ``save(step, ...)`` without ``force`` writes a checkpoint (the save interval)."""
+    return self.manager.latest_step() != step and self.manager.should_save(step)
+
   def save(self, step: int, state, *, force: bool = False) -> bool:
     """Every process calls this (orbax synchronises); ``force`` ignores the save interval.
 

@@ -105,12 +105,19 @@ def start_together(name: str, step: int):
 def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: int, num_steps: int,
                conds_for: Callable[[int], object], checkpointer=None, writer: MetricWriter | None,
                stop: StopSignal | None = None, log_every_chunks: int = 1,
-               on_chunk: Callable | None = None):
+               on_chunk: Callable | None = None, on_settled: Callable | None = None):
   """Run ``chunk`` until ``state.step == num_steps``; returns the final state.
 
-  ``conds_for(step)`` gives the (sharded) conditioning of the chunk starting at ``step``; the next
-  chunk's is prepared right after a chunk is dispatched, so its host work (sampling, tokenising,
-  table lookups) overlaps the running chunk instead of following the chunk's metrics read.
+  The host never waits for a chunk it has just dispatched: the next chunk's conditioning
+  (``conds_for(step)``: sampling, tokenising, table lookups) is prepared right after a dispatch,
+  and a chunk's metrics are read one chunk late, after the next chunk is dispatched, so the
+  device queue stays full. A chunk is settled at once (its metrics read before anything else
+  happens) when it is to be saved, when training stops, and at the end, so a checkpoint never
+  follows unread metrics (``on_settled`` may raise to refuse the state, e.g. non-finite updates).
+
+  ``on_chunk(step, state)`` runs right after a chunk is dispatched, with its (future) state: work
+  that needs the state itself (evaluation). ``on_settled(step, metrics, host)`` runs when the
+  chunk's device ``metrics`` are read; ``host`` is their reduction on logging chunks, else None.
   Every process must call this with the same arguments: the stop votes are gathered after each chunk.
   """
   step = int(to_host(state.step))
@@ -119,20 +126,33 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
   progress = Progress(name, num_steps, step)
   n_chunk = 0
   conds = conds_for(step) if step < num_steps else None
+  unread = []           # the dispatched chunk whose metrics are not read yet: [(step, n, metrics)]
+
+  def settle():
+    if not unread:
+      return
+    done_step, n, metrics = unread.pop()
+    host = None
+    if writer is not None and (n % log_every_chunks == 0 or done_step >= num_steps):
+      host = reduce_chunk_metrics(metrics)
+      writer.write(done_step, host, prefix=f"{name}/")
+      progress.log(done_step, {k: v for k, v in host.items() if k.endswith("loss") or k == "reward"})
+    if on_settled is not None:
+      on_settled(done_step, metrics, host)
+
   while step < num_steps:
     state, metrics = chunk(state, frozen, conds)
     step += steps_per_chunk
     n_chunk += 1
     if step < num_steps:
       conds = conds_for(step)
-    host = None
-    if writer is not None and (n_chunk % log_every_chunks == 0 or step >= num_steps):
-      host = reduce_chunk_metrics(metrics)
-      writer.write(step, host, prefix=f"{name}/")
-      progress.log(step, {k: v for k, v in host.items() if k.endswith("loss") or k == "reward"})
+    settle()                                      # the previous chunk, while this one runs
+    unread.append((step, n_chunk, metrics))
     if on_chunk is not None:
-      on_chunk(step, state, host)
+      on_chunk(step, state)
     if checkpointer is not None:
+      if checkpointer.due(step) or step >= num_steps:
+        settle()
       checkpointer.save(step, state, force=step >= num_steps)
     if stop is None and checkpointer is None:
       continue                                    # nothing to stop for (the same on every process)
@@ -140,8 +160,10 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
     signum = stop.signum if stop is not None and stop.requested else 0
     reason = stop_reason(gather_votes(np.array([signum, int(notice)], np.int32)))
     if reason is not None:
+      settle()
       if checkpointer is not None:
         checkpointer.save(step, state, force=True)
         checkpointer.close()
       raise Preempted(f"[{name}] stopped by {reason} at step {step}; checkpoint saved")
+  settle()
   return state

@@ -143,7 +143,8 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
       d = step_cfg.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     bad = jnp.where(ok, 0, state.bad_steps + 1)
-    metrics = dict(metrics, gen_grad_norm=gnorm, gen_skipped=1.0 - ok.astype(jnp.float32))
+    metrics = dict(metrics, gen_grad_norm=gnorm, gen_skipped=1.0 - ok.astype(jnp.float32),
+                   bad_steps=bad.astype(jnp.float32))
     return state.replace(gen_params=params, gen_opt=opt, gen_ema=ema, rng=rng,
                          step=state.step + 1, bad_steps=bad), metrics
 
