@@ -3,7 +3,7 @@
   python -m didr_jax.main --config=configs/toy.py              # the paper's recipe (default)
   python -m didr_jax.main --config=configs/toy.py:fast         # reduced, for tests and CI
   python -m didr_jax.main --config=configs/toy.py --config.toy.beta=0.25 \
-      '--config.methods=("didr_exact","dipp")' --workdir=runs/beta025
+      '--config.methods=("didr-exact","dipp")' --workdir=runs/beta025
 """
 from ml_collections import config_dict
 
@@ -22,9 +22,11 @@ def get_config(arg: str = ""):
   c.experiment = "toy"
   c.variant = variant
   c.seed = 0
-  # didr_hybrid (K=1 DRP at high SNR, snis below) is available by name; its DRP part is pointwise
-  # wrong (docs/method.md 4), so the default run shows the shipped estimator, didr_snis.
-  c.methods = ("di", "dipp", "didr_exact", "didr_drp", "didr_snis", "distar")
+  # Method names as in every experiment: di, dipp, distar, didr (DIDR with objective.drs, the
+  # shipped snis) and didr-<estimator> for another DRS estimator: didr-exact (the analytic DRS),
+  # didr-drp (the paper's DRP); didr-hybrid (K=1 DRP at high SNR, snis below) is available by name,
+  # its DRP part is pointwise wrong (docs/method.md 4).
+  c.methods = ("di", "dipp", "didr-exact", "didr-drp", "didr", "distar")
 
   c.toy = config_dict.ConfigDict()
   c.toy.means = ((-2.0,), (2.0,))   # one tuple per mode; its length is the dimension (1 or 2)
@@ -66,6 +68,7 @@ def get_config(arg: str = ""):
   c.objective = config_dict.ConfigDict()
   c.objective.weighting = "plain"
   c.objective.alpha_rew = 1.0 / c.toy.get_ref("beta")   # DI++/DI*: same nominal trade-off as DIDR
+  c.objective.drs = "snis"              # the estimator of "didr" (the others: didr-<estimator>)
   c.objective.drp_k = 2
   c.objective.drp_t_max = -1.0        # the paper's DRP, uncut (< 0); a cut-off is no fix (docs/method.md 4)
   c.objective.snis_k = 4              # snis / hybrid: chain steps, samples per row, x0 variance

@@ -34,7 +34,7 @@ def _steps_and_state(cfg, toy, obj):
   return steps, make
 
 
-@pytest.mark.parametrize("method", ["didr_drp", "dipp"])
+@pytest.mark.parametrize("method", ["didr-drp", "dipp"])
 def test_align_chunk_equals_scanned_outer_step(method):
   from didr_jax.digits.stepping import AlignChunk
   from didr_jax.training.state import shardings_of

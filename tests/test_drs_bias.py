@@ -28,8 +28,8 @@ def _problem(reward="sigmoid"):
 
 
 def _shipped():
-  """The toy's didr_snis objective, the estimator the configs ship by default, on every row."""
-  obj = objective_config(CFG, "didr_snis")
+  """The toy's didr objective (snis), the estimator the configs ship by default, on every row."""
+  obj = objective_config(CFG, "didr")
   assert obj.drs == "snis"
   return dataclasses.replace(obj, snis_rows=0)
 
@@ -53,7 +53,7 @@ def test_default_estimator_bias_per_bin(weighting, table):
   assert abs(res["integrated_bias"]) <= 0.05, res["integrated_bias"]
   assert np.max(np.asarray(res["rel_std"])[above]) <= 1.0, res["rel_std"]
   assert res["rel_std_pooled"] <= 1.0, res["rel_std_pooled"]
-  drp = drs_bias.bias_per_bin(dataclasses.replace(objective_config(CFG, "didr_drp"), drp_k=1),
+  drp = drs_bias.bias_per_bin(dataclasses.replace(objective_config(CFG, "didr-drp"), drp_k=1),
                               _problem(), SCHEDULE, table, jax.random.PRNGKey(1), t_range=T_RANGE,
                               weighting=weighting, repeats=1)
   assert drp["ratio"][-1] > 4.0

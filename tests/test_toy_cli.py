@@ -67,7 +67,7 @@ def test_outputs_complete_and_consistent(finished_run):
     results = json.load(f)
   cfg = get_config("fast")
   methods = list(cfg.methods)
-  assert "didr_snis" in methods and "didr_drp" in methods
+  assert "didr" in methods and "didr-drp" in methods
   assert list(results["methods"]) == methods
   assert 0.85 < results["target"]["p_pos"] < 0.91
   problem = ToyProblem.from_config(cfg.toy)
@@ -95,7 +95,7 @@ def test_outputs_complete_and_consistent(finished_run):
   assert abs(bias["exact_reference"]["snis"]["ratio"][-1] - 1) < 0.15
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = set().union(*(json.loads(line) for line in f))
-  assert {"didr_snis/snis_ess", "didr_snis/drs_to_kl/t0.25-0.50"} <= logged   # gen t <= 0.5
+  assert {"didr/snis_ess", "didr/drs_to_kl/t0.25-0.50"} <= logged   # gen t <= 0.5
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(f"| {m} |" in table for m in methods)
   with open(os.path.join(workdir, "densities.png"), "rb") as f:
@@ -121,7 +121,7 @@ def test_workdir_of_another_config_is_refused(finished_run):
     ("--config.objective.snis_m=1", "config.objective.snis_m"),
     ("--config.objective.snis_variance=exact", "config.objective.snis_variance"),
     ("--config.toy.reward=cosine", "config.toy.reward"),
-    ("--config.toy.reward=step", "config.methods"),     # dipp, didr_drp, distar need a gradient
+    ("--config.toy.reward=step", "config.methods"),     # dipp, didr-drp, distar need a gradient
 ])
 def test_bad_input_one_line_naming_the_field(tmp_path, override, field):
   out = subprocess.run(_cmd(str(tmp_path / "w"), override), cwd=ROOT, env=ENV, capture_output=True,

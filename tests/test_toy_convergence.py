@@ -41,7 +41,7 @@ def test_didr_reaches_p_star(tmp_path, shared, reward, p_star_expected):
     for phase in PRETRAINING:
       shutil.copytree(os.path.join(shared["finished"], "checkpoints", phase),
                       workdir / "checkpoints" / phase)
-  methods = "('didr_exact','didr_snis')" if reward == "sigmoid" else "('didr_snis',)"
+  methods = "('didr-exact','didr')" if reward == "sigmoid" else "('didr',)"
   out = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/toy.py:fast",
                         f"--workdir={workdir}", f"--config.methods={methods}",
                         f"--config.toy.reward={reward}"],

@@ -44,8 +44,8 @@ def _assert_states_close(a, b, atol, rtol=0.0):
 
 @pytest.fixture(scope="module")
 def eight_device_didr():
-  """4 uninterrupted didr_drp steps on 8 devices (``toy_worker.py OUT --steps=4`` in this process)."""
-  return dump_state(run_alignment(tiny_config("didr_drp", 4), "didr_drp"))
+  """4 uninterrupted didr-drp steps on 8 devices (``toy_worker.py OUT --steps=4`` in this process)."""
+  return dump_state(run_alignment(tiny_config("didr-drp", 4), "didr-drp"))
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,11 @@ def worker_env(tmp_path_factory):
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-@pytest.mark.parametrize("method", ["didr_drp", "distar"])
+@pytest.mark.parametrize("method", ["didr-drp", "distar"])
 def test_sharded_step_equals_single_device(method, eight_device_didr):
   assert jax.device_count() == 8
   cfg = tiny_config(method, 4)
-  sharded = eight_device_didr if method == "didr_drp" else dump_state(run_alignment(cfg, method))
+  sharded = eight_device_didr if method == "didr-drp" else dump_state(run_alignment(cfg, method))
   single = dump_state(run_alignment(cfg, method, devices=jax.devices()[:1]))
   _assert_states_close(sharded, single, atol=2e-5, rtol=1e-5)
   # The run moved the parameters (the comparison is not between two untouched inits).
@@ -72,7 +72,7 @@ def test_sharded_step_equals_single_device(method, eight_device_didr):
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_process(tmp_path, eight_device_didr):
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "mp.npz"), "--method=didr_drp",
+  procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "mp.npz"), "--method=didr-drp",
                              "--steps=4", "--devices=4", f"--rank={r}", "--nproc=2", f"--port={port}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for r in range(2)]
@@ -136,9 +136,9 @@ def test_ta_warmup_step_is_k_ta_updates_with_the_generator_frozen():
   and EMA untouched, and advances the data position."""
   from didr_jax.toy import experiment
   from didr_jax.training.steps import StepConfig
-  cfg = tiny_config("didr_drp", 1)
+  cfg = tiny_config("didr-drp", 1)
   toy = experiment.Toy(cfg)
-  steps, state = toy_steps(toy, cfg, "didr_drp", StepConfig(64, 2, ema_decay=0.9), ema=True)
+  steps, state = toy_steps(toy, cfg, "didr-drp", StepConfig(64, 2, ema_decay=0.9), ema=True)
   frozen = {"ref": toy.ref_init}
   before = dump_state(state)
   warm, metrics = jax.jit(steps.ta_warmup)(state, frozen, None)
@@ -164,7 +164,7 @@ def test_tree_mode_equals_graph_mode(tmp_path, eight_device_didr, worker_env):
   _assert_states_close(tree, eight_device_didr, atol=0.0)
 
 
-@pytest.mark.parametrize("method", ["didr_drp", "dipp"])
+@pytest.mark.parametrize("method", ["didr-drp", "dipp"])
 def test_gradient_accumulation_equals_full_batch(method):
   """grad_accum=4 on the 8-device mesh (4 microbatches of 16) gives the full batch's TA and generator
   updates (SGD, so the parameter change is the gradient) and the same t-binned ratio sums."""
@@ -196,7 +196,7 @@ def test_gradient_accumulation_equals_full_batch(method):
   for k in m_full:
     if k.startswith("ratio:"):        # microbatch means of the sums: 1/4 of the full batch's sums
       np.testing.assert_allclose(4 * m_acc[k], m_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
-  assert any("/t" in k for k in m_full if k.startswith("ratio:")) == (method == "didr_drp")
+  assert any("/t" in k for k in m_full if k.startswith("ratio:")) == (method == "didr-drp")
   host_full, host_acc = (reduce_chunk_metrics(jax.tree.map(jnp.asarray, m)) for m in (m_full, m_acc))
   for k in ("reward", "reward_std"):   # the batch's mean and std, not means of microbatch stds
     np.testing.assert_allclose(host_acc[k], host_full[k], rtol=1e-4, err_msg=k)

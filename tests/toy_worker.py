@@ -1,6 +1,6 @@
 """Subprocess worker for trainer tests: alignment steps of a tiny toy, parameters dumped to .npz.
 
-  python tests/toy_worker.py OUT.npz --method=didr_drp --steps=4 [--ckpt=DIR] [--devices=8]
+  python tests/toy_worker.py OUT.npz --method=didr-drp --steps=4 [--ckpt=DIR] [--devices=8]
       [--rank=R --nproc=2 --port=P]   (multi-process: each rank gets --devices local CPU devices)
       [--sigterm_rank=R]   (rank R sends itself SIGTERM right after jax.distributed.initialize: JAX's
                             preemption notice, since nothing else handles SIGTERM here)
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("out")
-  p.add_argument("--method", default="didr_drp")
+  p.add_argument("--method", default="didr-drp")
   p.add_argument("--steps", type=int, default=4)
   p.add_argument("--ckpt", default="")
   p.add_argument("--devices", type=int, default=8)

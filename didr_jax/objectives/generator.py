@@ -28,6 +28,22 @@ DRS_SOURCES = ("exact", "drp", "snis", "hybrid")
 CFG_PLACEMENTS = ("in", "out")
 SNIS_VARIANCES = ("local", "table", "none")
 N_TBINS = 4                      # t-bins of the DRS-to-KL gradient ratio metric
+
+
+def method_and_drs(name: str, drs: str) -> tuple[str, str]:
+  """(method, DRS estimator) of a method name, the one scheme of every experiment: one of
+  ``METHODS`` (DIDR with the experiment's own estimator ``drs``, i.e. ``objective.drs``), or
+  ``didr-<estimator>`` for DIDR with another estimator (the toy and the digits sweep compare
+  several). ValueError for anything else, including ``didr-<drs>`` (that is ``didr``)."""
+  if name in METHODS:
+    return name, drs
+  head, _, estimator = name.partition("-")
+  if head == "didr" and estimator in DRS_SOURCES:
+    if estimator == drs:
+      raise ValueError(f"{name!r} is 'didr' (objective.drs={drs!r}); name it 'didr'")
+    return "didr", estimator
+  raise ValueError(f"unknown method {name!r}; choose from {METHODS} or didr-<estimator> with an "
+                   f"estimator from {DRS_SOURCES}")
 RATIO_PREFIX = "ratio:"
 
 sg = jax.lax.stop_gradient

@@ -20,7 +20,7 @@ from flax import nnx
 from didr_jax import sharding
 from didr_jax.config_checks import fail
 from didr_jax.diffusion import ddim_sample, make_schedule
-from didr_jax.objectives import ObjectiveConfig, dsm_loss, mixture_drs, variance_table
+from didr_jax.objectives import ObjectiveConfig, dsm_loss, method_and_drs, mixture_drs, variance_table
 from didr_jax.training import state as st
 from didr_jax.training.checkpoint import Checkpointer, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
@@ -34,9 +34,6 @@ from didr_jax.toy.problem import ToyProblem, sample_metrics, target_summary
 
 TABLE_SAMPLES, TABLE_POINTS = 16_384, 64    # variance table: q0 samples and t points
 
-METHOD_OBJECTIVES = {"di": ("di", "exact"), "dipp": ("dipp", "exact"), "didr_exact": ("didr", "exact"),
-                     "didr_drp": ("didr", "drp"), "didr_snis": ("didr", "snis"),
-                     "didr_hybrid": ("didr", "hybrid"), "distar": ("distar", "exact")}
 
 
 def identities(cfg) -> dict:
@@ -57,8 +54,15 @@ def identities(cfg) -> dict:
 
 
 def objective_config(cfg, method: str) -> ObjectiveConfig:
-  name, drs = METHOD_OBJECTIVES[method]
+  """ObjectiveConfig of a toy method name (``method_and_drs``: ``didr`` runs ``objective.drs``,
+  ``didr-<estimator>`` another estimator); ValueError for an unknown name."""
+  name, drs = method_and_drs(method, cfg.objective.drs)
   return ObjectiveConfig.from_group(cfg.objective, method=name, drs=drs, beta=float(cfg.toy.beta))
+
+
+def snis_objective(cfg) -> ObjectiveConfig:
+  """DIDR with the snis estimator and the config's settings (the bias tables measure it)."""
+  return dataclasses.replace(objective_config(cfg, "didr"), drs="snis")
 
 
 class Toy:
@@ -239,7 +243,7 @@ def estimator_bias(toy: Toy, ref_params, table, key) -> dict:
   reference has its mass, independently of where the aligned generators ended up.
   """
   cfg, problem = toy.cfg, toy.problem
-  base = dataclasses.replace(objective_config(cfg, "didr_snis"), snis_rows=0)   # every row
+  base = dataclasses.replace(snis_objective(cfg), snis_rows=0)   # every row
   variants = {}
   if problem.differentiable:     # the DRP (and hybrid) need the reward's gradient
     variants = {f"drp_k{int(k)}": dataclasses.replace(base, drs="drp", drp_k=int(k), drp_t_max=-1.0)
@@ -297,7 +301,7 @@ def run(cfg, workdir: str) -> dict:
       results[name] = sample_metrics(toy.problem, samples[name])
     didr = [m for m in cfg.methods if m.startswith("didr")]
     table = (drs_table(toy, ref_params, workdir)
-             if didr and objective_config(cfg, "didr_snis").needs_drs_table else None)
+             if didr and snis_objective(cfg).needs_drs_table else None)
     t1 = time.time()
     with concurrent.futures.ThreadPoolExecutor(cfg.train.parallel_methods) as pool:
       try:

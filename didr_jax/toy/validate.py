@@ -6,9 +6,9 @@ import math
 from didr_jax.config_checks import check_mesh, fail
 from didr_jax.diffusion.schedules import make_schedule
 from didr_jax.errors import ConfigError  # re-exported: validate.ConfigError
+from didr_jax.objectives import method_and_drs
 from didr_jax.toy.experiment import objective_config
 
-TOY_METHODS = ("di", "dipp", "didr_exact", "didr_drp", "didr_snis", "didr_hybrid", "distar")
 TOY_REWARDS = ("sigmoid", "step")
 TOY_GENERATORS = ("mlp", "monotone")
 
@@ -44,9 +44,13 @@ def validate(cfg) -> None:
     fail("eval.drp_bias_ks", f"every K must be >= 1, got {cfg.eval.drp_bias_ks}")
   if cfg.objective.cfg_w != 0:
     fail("objective.cfg_w", "the toy is unconditional: guidance must be 0")
-  unknown = [m for m in cfg.methods if m not in TOY_METHODS]
-  if unknown or not cfg.methods:
-    fail("methods", f"unknown {unknown}; choose from {TOY_METHODS}")
+  if not cfg.methods:
+    fail("methods", "needs at least one method")
+  for method in cfg.methods:
+    try:
+      method_and_drs(method, cfg.objective.drs)
+    except ValueError as e:
+      fail("methods", str(e))
   if len(set(cfg.methods)) != len(cfg.methods):
     fail("methods", f"lists a method twice: {cfg.methods}")
   rows = cfg.objective.snis_rows
@@ -59,7 +63,7 @@ def validate(cfg) -> None:
       raise ConfigError(f"config.{e}") from None
     if obj.needs_reward_grad and toy.reward == "step":
       fail("methods", f"{method!r} differentiates the reward, but toy.reward='step' has zero "
-                       "gradient almost everywhere; use didr_exact, didr_snis or di")
+                       "gradient almost everywhere; use di, or didr with objective.drs snis or exact")
   try:
     sched = make_schedule(cfg.schedule)
   except ValueError as e:
