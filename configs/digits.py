@@ -100,7 +100,9 @@ def get_config(arg: str = ""):
   c.eval.drs_check_steps = 20
   c.mesh = config_dict.ConfigDict(dict(shape=(-1, 1, 1), rules="replicated"))
   # Every phase runs one (unrolled) step per chunk: see didr_jax/digits/stepping.py.
-  c.train = config_dict.ConfigDict(dict(log_every_chunks=50))
+  # parallel_runs: sweep runs (and the DRS check) in that many threads of this process; each keeps
+  # about one core busy and compiles single-threaded (didr_jax/digits/experiment.py)
+  c.train = config_dict.ConfigDict(dict(log_every_chunks=50, parallel_runs=2))
   c.checkpoint = config_dict.ConfigDict(dict(every_steps=100, keep=1, async_save=True))
 
   if variant == "fast":   # CI: every phase and the default run of each method, a few minutes

@@ -1,5 +1,6 @@
-"""The digits experiment end to end through the CLI (configs/digits.py:fast): SIGTERM during the
-last run saves and exits 0, the rerun resumes it and writes every output; results.json is
+"""The digits experiment end to end through the CLI (configs/digits.py:fast): SIGTERM while two
+runs train side by side (train.parallel_runs = 2) saves both and exits 0, the rerun resumes them
+and writes every output; results.json is
 recomputed independently from samples.npz and the classifiers' checkpoints; the reference is
 classified far above chance by the held-out classifier; bad input is one line naming the field."""
 import json
@@ -47,13 +48,15 @@ def finished_run(tmp_path_factory):
   return workdir, second.stderr
 
 
-def test_rerun_resumes_the_interrupted_run(finished_run):
+def test_rerun_resumes_the_interrupted_runs(finished_run):
+  """Every run finishes exactly once over the two invocations; the one that was signalled (the
+  dearest, queued first) resumes from its saved step."""
   _, second = finished_run
   for phase in ("clf_reward", "clf_heldout", "clf_features", "reference", "distill"):
     assert f"compiled {phase} " not in second, phase       # finished phases are restored, not rerun
   assert "[didr_0.1] step 20/20" in second and "[didr_0.1] step 10/20" not in second
   for name in ("di", "dipp_10", "distar_10"):
-    assert f"[{name}] already finished" in second
+    assert (f"[{name}] already finished" in second) != (f"[{name}] step 20/20" in second), name
 
 
 def _load(workdir):

@@ -138,7 +138,7 @@ def test_data_split_is_stratified_scaled_and_seeded():
     ("sweep.didr_estimators", ("exact",)), ("align.gen_t_range", (20, 2000)), ("objective.drp_k", 0),
     ("unet.heads", (2, 4, 8)), ("reference.label_dropout", 1.0), ("align.batch", 0),
     ("objective.snis_var_max", -1.0), ("objective.snis_m", 1), ("objective.weighting", "dmd3"),
-    ("objective.drs", "drp"), ("objective.snis_mm", 4),
+    ("objective.drs", "drp"), ("objective.snis_mm", 4), ("train.parallel_runs", 0),
 ])
 def test_validate_names_the_field(field, value):
   from configs.digits import get_config

@@ -10,6 +10,8 @@ beyond the reference and the reward classifier (the snis variance table) are bui
 """
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import json
 import os
 import time
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from didr_jax import log
+from didr_jax.config_checks import fail
 from didr_jax.digits import evaluation as ev
 from didr_jax.digits import phases, report
 from didr_jax.digits.data import to_native
@@ -172,7 +175,68 @@ def cached_drs_check(dg: Digits, ref_params, reward_params, frozen: dict, workdi
   return result
 
 
+def _cost_rank(spec) -> int:
+  """Sweep runs by cost, dearest first: posterior chains, the DRP chain, DI*, DI++, DI."""
+  if spec.method == "didr":
+    return 0 if spec.estimator in ("snis", "hybrid") else 1
+  return {"distar": 2, "dipp": 3}.get(spec.method, 4)
+
+
+def align_runs(aligner, specs, warm, ckpts, writer, stop, generate, native, workdir, pool) -> list:
+  """Futures of {run name: (native samples, wall seconds)} covering ``specs``, queued on ``pool``.
+
+  Runs sharing a compiled generator program (one method and estimator) are one job, so each
+  program compiles once; the jobs are queued dearest first, so no thread idles at the end. Runs
+  are independent programs that keep about one core busy each (and compile on one), so threads
+  (XLA releases the GIL while a program runs) run them side by side. A finished run leaves
+  ``runs/<name>.npz`` and is reused on a rerun.
+  """
+  cfg = aligner.dg.cfg
+  main = jax.process_index() == 0
+
+  def one(spec):
+    done = os.path.join(workdir, "runs", f"{spec.name}.npz")
+    if os.path.exists(done):
+      with np.load(done) as f:
+        if int(f["steps"]) == cfg.align.steps:
+          log.info("[%s] already finished; reusing %s", spec.name, done)
+          return f["images"], float(f["wall_s"])
+    t1 = time.time()
+    state = aligner.align(spec.name, spec.method, spec.estimator, spec.scale, warm,
+                          ckpts[f"run_{spec.name}"], writer, stop)
+    images = native(generate(state.gen_params))
+    wall = time.time() - t1
+    if main:
+      np.savez(done + ".tmp.npz", images=images, wall_s=wall, steps=cfg.align.steps)
+      os.replace(done + ".tmp.npz", done)
+    return images, wall
+
+  def group(members):
+    return {spec.name: one(spec) for spec in members}
+
+  by_program = lambda spec: (_cost_rank(spec), spec.method, spec.estimator or "")
+  return [pool.submit(group, list(members))
+          for _, members in itertools.groupby(sorted(specs, key=by_program), key=by_program)]
+
+
+def wait_all(jobs, pool) -> list:
+  """The jobs' results; the first failure (a stop included) is raised once the running jobs have
+  finished or stopped at their next chunk (queued ones are cancelled)."""
+  try:
+    finished, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for job in finished:
+      if job.exception() is not None:
+        raise job.exception()
+    return [job.result() for job in jobs]
+  except BaseException:
+    pool.shutdown(wait=True, cancel_futures=True)
+    raise
+
+
 def run(cfg, workdir: str) -> dict:
+  if jax.process_count() > 1 and cfg.train.parallel_runs > 1:
+    fail("train.parallel_runs", f"{cfg.train.parallel_runs} runs the sweep in threads, whose collectives "
+                                "would interleave across processes; use 1 with several processes")
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   ids = identities(cfg)
   ckpts = phase_checkpointers(workdir, ids, cfg.checkpoint)
@@ -211,31 +275,27 @@ def run(cfg, workdir: str) -> dict:
     aligner = phases.Aligner(dg, frozen)
     warm = aligner.warm_up(aligner.init_state(gen, ref), ckpts["ta_warmup"], writer, stop)
     stages["ta_warmup"] = time.time() - t0
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(cfg.train.parallel_runs) as pool:
+      jobs = align_runs(aligner, specs, warm, ckpts, writer, stop, generate, native, workdir, pool)
+      if cfg.eval.drs_check_states > 0:   # needs only the reference: beside the last runs
+
+        def check():
+          t1 = time.time()
+          return cached_drs_check(dg, ref, clf["reward"], frozen, workdir), time.time() - t1
+        jobs.append(pool.submit(check))
+      done = wait_all(jobs, pool)
+    stages["alignment"] = time.time() - t0
+    drs = None
+    if cfg.eval.drs_check_states > 0:
+      drs, stages["drs_check"] = done.pop()
+    aligned = {name: out for group in done for name, out in group.items()}
     walls = {}
     for spec in specs:
-      done = os.path.join(workdir, "runs", f"{spec.name}.npz")
-      if os.path.exists(done):
-        with np.load(done) as f:
-          if int(f["steps"]) == cfg.align.steps:
-            samples[spec.name], walls[spec.name] = f["images"], float(f["wall_s"])
-            log.info("[%s] already finished; reusing %s", spec.name, done)
-            continue
-      t1 = time.time()
-      state = aligner.align(spec.name, spec.method, spec.estimator, spec.scale, warm,
-                            ckpts[f"run_{spec.name}"], writer, stop)
-      samples[spec.name] = native(generate(state.gen_params))
-      walls[spec.name] = time.time() - t1
-      if main:
-        np.savez(done + ".tmp.npz", images=samples[spec.name], wall_s=walls[spec.name], steps=cfg.align.steps)
-        os.replace(done + ".tmp.npz", done)
+      samples[spec.name], walls[spec.name] = aligned[spec.name]
   for c in ckpts.values():
     c.close()
   writer.close()
-  drs = None
-  if cfg.eval.drs_check_states > 0:
-    t0 = time.time()
-    drs = cached_drs_check(dg, ref, clf["reward"], frozen, workdir)
-    stages["drs_check"] = time.time() - t0
   t0 = time.time()
   scorer = Scorer(dg, clf)
   results = {"variant": cfg.variant,

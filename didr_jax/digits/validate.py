@@ -40,7 +40,8 @@ def validate(cfg) -> None:
                        "unet.label_tokens", "unet.norm_groups", "reference.steps", "reference.batch",
                        "distill.steps", "distill.batch", "distill.ddim_steps", "distill.pool_size",
                        "align.steps", "align.batch", "align.k_ta", "eval.knn_k", "eval.bootstrap",
-                       "eval.grid_per_class", "train.log_every_chunks", "checkpoint.every_steps",
+                       "eval.grid_per_class", "train.log_every_chunks", "train.parallel_runs",
+                       "checkpoint.every_steps",
                        "checkpoint.keep"])
   if cfg.unet.width % cfg.unet.norm_groups:
     fail("unet.norm_groups", f"{cfg.unet.norm_groups} must divide unet.width={cfg.unet.width}")
