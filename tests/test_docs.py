@@ -37,7 +37,7 @@ COMMANDS = {
     "python -m didr_jax.main --config=configs/sd15.py:tiny --workdir=runs/tiny15":
         "tests/test_t2i_pipeline.py::test_sd15_tiny_generator_reward_and_uncond",  # in-process
     "python -m didr_jax.main --config=configs/digits.py:fast":
-        "tests/test_digits_cli.py::test_rerun_resumes_the_interrupted_run",
+        "tests/test_digits_cli.py::test_rerun_resumes_the_interrupted_runs",
 }
 # A shell block whose neighbouring paragraph carries one of these labels may show any command.
 LABELS = ("(needs real weights)", "(needs an accelerator)", "(needs real weights and an accelerator)",
