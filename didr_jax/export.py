@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import sys
 
-import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+from didr_jax.models.layers import DTYPES as COMPUTE_DTYPES
+
+# the model's compute dtypes, and float16 as a storage format (diffusers' usual fp16 variant)
+DTYPES = dict(COMPUTE_DTYPES, float16=np.float16)
 
 
 def export(input_path: str, output: str, dtype: str = "float32") -> str:
