@@ -38,6 +38,26 @@ CONFIG = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 
 
+def build(batch: int, size: int):
+  """(torch model in train mode, our graphdef, our params, numpy inputs x, t, ctx, pooled, time_ids
+  and the loss weights w): the same random weights on both sides, inputs NHWC."""
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(0)
+  tm = UNet2DConditionModel(**CONFIG).train()
+  folder = tempfile.mkdtemp(prefix="unet_bench_")
+  tm.save_pretrained(folder)
+  graphdef, params = nnx.split(from_diffusers(folder), nnx.Param)
+  rng = np.random.default_rng(0)
+  b, s = batch, size
+  x = rng.standard_normal((b, s, s, 4), np.float32)
+  t = np.full((b,), 399.0, np.float32)
+  ctx = rng.standard_normal((b, 77, CONFIG["cross_attention_dim"]), np.float32)
+  pooled = rng.standard_normal((b, 256), np.float32)
+  time_ids = np.tile(np.array([[256, 256, 0, 0, 256, 256]], np.float32), (b, 1))
+  w = rng.standard_normal((b, s, s, 4), np.float32)
+  return tm, graphdef, params, (x, t, ctx, pooled, time_ids, w)
+
+
 def timed(fn, iters: int) -> float:
   """Median wall seconds of ``fn()`` over ``iters`` calls after one warm-up call."""
   fn()
@@ -65,23 +85,7 @@ def main():
   args = p.parse_args()
   record = LoadRecord(args.force)
   torch.set_num_threads(args.threads or os.cpu_count())
-  from diffusers import UNet2DConditionModel
-
-  torch.manual_seed(0)
-  tm = UNet2DConditionModel(**CONFIG).train()
-  folder = tempfile.mkdtemp(prefix="unet_bench_")
-  tm.save_pretrained(folder)
-  model = from_diffusers(folder)
-  graphdef, params = nnx.split(model, nnx.Param)
-
-  rng = np.random.default_rng(0)
-  b, s = args.batch, args.size
-  x = rng.standard_normal((b, s, s, 4), np.float32)
-  t = np.full((b,), 399.0, np.float32)
-  ctx = rng.standard_normal((b, 77, CONFIG["cross_attention_dim"]), np.float32)
-  pooled = rng.standard_normal((b, 256), np.float32)
-  time_ids = np.tile(np.array([[256, 256, 0, 0, 256, 256]], np.float32), (b, 1))
-  w = rng.standard_normal((b, s, s, 4), np.float32)
+  tm, graphdef, params, (x, t, ctx, pooled, time_ids, w) = build(args.batch, args.size)
   inputs = [jnp.asarray(a) for a in (x, t, ctx, pooled, time_ids, w)]
 
   def fwd(params, x, t, ctx, pooled, time_ids, w):
@@ -118,8 +122,8 @@ def main():
 
   f_fwd, f_bwd = flops_of(fwd_c), flops_of(grad_c)
   n_params = sum(p.numel() for p in tm.parameters())
-  print(f"UNet {CONFIG['block_out_channels']}, {n_params / 1e6:.1f}M params, batch {b}, "
-        f"{s}x{s} latents, 77 tokens; {os.cpu_count()} CPU cores, torch threads "
+  print(f"UNet {CONFIG['block_out_channels']}, {n_params / 1e6:.1f}M params, batch {args.batch}, "
+        f"{args.size}x{args.size} latents, 77 tokens; {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}; jax {jax.__version__}, torch {torch.__version__}")
   print(f"compile: forward {t1 - t0:.1f} s, forward+backward {t2 - t1:.1f} s; "
         f"forward parity max|err|/max|ref| = {err:.1e}")
