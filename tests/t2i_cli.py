@@ -57,11 +57,11 @@ def exported(workdir: str, name: str = "unet") -> dict[str, np.ndarray]:
   return read_unet(os.path.join(workdir, "export", name))
 
 
-def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
-  """Generator steps warmup+1..3 logged with finite losses (and ``keys``), a held-out eval, the
-  step-3 grid PNG and checkpoint, and generator + EMA exports."""
+def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0, steps: int = 3):
+  """Generator steps warmup+1..steps logged with finite losses (and ``keys``), a held-out eval, the
+  last step's grid PNG and checkpoint, and generator + EMA exports."""
   rows = train_rows(workdir, method)
-  assert sorted(rows) == list(range(warmup + 1, 4)), sorted(rows)
+  assert sorted(rows) == list(range(warmup + 1, steps + 1)), sorted(rows)
   for r in rows.values():
     for k in (f"{method}/gen_loss", f"{method}/ta_loss", f"{method}/gen_grad_norm", *keys):
       assert k in r and np.isfinite(r[k]), (k, r)
@@ -69,9 +69,9 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0):
                     if f"{prefix}/reward_mean" in r} for prefix in ("eval", "eval_ema")}
   assert evals["eval"] and set(evals["eval_ema"]) == set(evals["eval"]), evals   # the EMA too
   assert all(np.isfinite(v) for e in evals.values() for v in e.values()), evals
-  for grid in ("grid_000003.png", "grid_ema_000003.png"):
+  for grid in (f"grid_{steps:06d}.png", f"grid_ema_{steps:06d}.png"):
     assert os.path.isfile(os.path.join(workdir, grid)), grid
-  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert str(steps) in os.listdir(os.path.join(workdir, "checkpoints"))
   for name in ("unet", "unet_ema"):
     assert exported(workdir, name), name
 

@@ -11,7 +11,10 @@ pytestmark = pytest.mark.slow
 
 METHOD_KEYS = {"dipp": ("dipp/reward", "dipp/reward_std", "dipp/kl_grad_norm"),
                "distar": ("distar/reward", "distar/reward_std", "distar/pseudo_huber")}
-EXTRA = {"distar": ("--config.align.ta_warmup_steps=1", "--config.objective.weighting=plain")}
+# DI++ with a reward weight that dominates its KL term, evaluated after every step: the held-out
+# reward of the fixed eval prompts and seeds must rise (a flipped reward sign lowers it)
+EXTRA = {"distar": ("--config.align.ta_warmup_steps=1", "--config.objective.weighting=plain"),
+         "dipp": ("--config.objective.alpha_rew=1000", "--config.eval.every_chunks=1")}
 WARMUP = {"distar": 1}
 
 
@@ -37,6 +40,16 @@ def test_method_runs_three_steps_and_exports(method_runs, method):
   rows = t2i_cli.train_rows(workdir, method)
   assert not any(k.startswith(f"{method}/drs_to_kl") for r in rows.values() for k in r), \
       "the DRS ratio is a DIDR metric"
+
+
+def test_dipp_raises_the_evaluated_reward_every_step(method_runs):
+  """The eval reward (the reward model applied to decoded images of fixed prompts and seeds, not
+  the trainer's reward path) rises at every step of a reward-dominated DI++ run; with the reward's
+  sign flipped in the objective or in the task it falls."""
+  workdir, _ = method_runs("dipp")
+  evals = {r["step"]: r["eval/reward_mean"] for r in t2i_cli.metrics(workdir) if "eval/reward_mean" in r}
+  assert sorted(evals) == [1, 2, 3], evals
+  assert evals[1] < evals[2] < evals[3], evals
 
 
 @pytest.mark.parity

@@ -1,7 +1,8 @@
 """The t2i main job as 2 hosts x 1 CPU device through ``launch/gpu_slurm.sbatch`` under a stand-in
 srun (one node, SLURM's environment per task): ``--multihost`` auto-detects the job, each host
 encodes and feeds its half of the batch, orbax saves collectively, process 0 writes the metrics,
-grid and the export gathered across hosts (DI, 3 steps).
+grid and the export gathered across hosts (DI, 4 steps: a chunk's progress line is written one
+chunk late, so a signal sent on step 1's line stops the run at step 2 or 3, before its end).
 
 The 2-host run's step-2 checkpoint then resumes on 1 host with 1 device: one comparison proves that
 a checkpoint restores onto another mesh shape and process count, and that a step on 1 device
@@ -35,8 +36,15 @@ def slurm_env(cache: str, **extra) -> dict:
               SLURM_SUBMIT_DIR=t2i_cli.ROOT, PYTHON=sys.executable, **extra)
 
 
+STEPS = 4
+
+
+def command(workdir: str, *extra: str) -> list[str]:
+  return t2i_cli.command(workdir, "di", f"--config.align.steps={STEPS}", *extra)
+
+
 def sbatch(workdir: str, *extra: str) -> list[str]:
-  return ["bash", SBATCH, *t2i_cli.command(workdir, "di", *extra)[3:]]
+  return ["bash", SBATCH, *command(workdir, *extra)[3:]]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,7 @@ def stopped_twice(tmp_path_factory, cache, two_hosts):
   """
   tmp = tmp_path_factory.mktemp("stopped")
   workdir = str(tmp / "run")
-  schedules = ([("[di] step 1/3", 1)], [("compiled align/di", 0), ("stopped by signal", 1)])
+  schedules = ([(f"[di] step 1/{STEPS}", 1)], [("compiled align/di", 0), ("stopped by signal", 1)])
   runs = []
   for i, schedule in enumerate(schedules):
     pids = tmp / f"pids{i}"
@@ -83,7 +91,8 @@ def stopped_twice(tmp_path_factory, cache, two_hosts):
 def test_slurm_two_hosts_run_three_steps_and_export(two_hosts):
   workdir, log = two_hosts
   assert "per host 4 (2 hosts), per device 4 (data x fsdp = 2)" in log
-  t2i_cli.assert_complete_run(workdir, "di", keys=("di/reward", "di/reward_std", "di/kl_grad_norm"))
+  t2i_cli.assert_complete_run(workdir, "di", keys=("di/reward", "di/reward_std", "di/kl_grad_norm"),
+                              steps=STEPS)
 
 
 @pytest.mark.parity
@@ -96,9 +105,9 @@ def test_one_device_step_from_two_host_checkpoint_equals_two_host_step(two_hosts
   single = str(tmp_path / "single")
   os.makedirs(os.path.join(single, "checkpoints"))
   shutil.copytree(os.path.join(multi, "checkpoints", "2"), os.path.join(single, "checkpoints", "2"))
-  log = t2i_cli.run(t2i_cli.command(single, "di"), t2i_cli.env(cache, devices=1))
+  log = t2i_cli.run(command(single), t2i_cli.env(cache, devices=1))
   assert "per host 8 (1 hosts), per device 8 (data x fsdp = 1)" in log
-  assert "[di] step 3/3" in log and "[di] step 2/3" not in log   # restored step 2
+  assert f"[di] step {STEPS}/{STEPS}" in log and f"[di] step 2/{STEPS}" not in log   # restored step 2
   err = t2i_cli.max_export_diff(multi, single)
   assert max(err.values()) < 1e-5, err
   ra, rb = t2i_cli.train_rows(multi, "di")[3], t2i_cli.train_rows(single, "di")[3]
@@ -109,10 +118,10 @@ def test_one_device_step_from_two_host_checkpoint_equals_two_host_step(two_hosts
 def test_sigterm_to_one_host_stops_both_at_the_same_step(stopped_twice):
   _, runs = stopped_twice
   _, log, delivered, saved = runs[0]
-  assert delivered == ["[di] step 1/3"], log[-3000:]
+  assert delivered == [f"[di] step 1/{STEPS}"], log[-3000:]
   found = re.findall(r"stopped by signal 15 on process 1 at step (\d+); checkpoint saved", log)
   assert len(found) == 1, log[-3000:]
-  assert saved == [int(found[0])] and saved[0] < 3, saved   # the forced save of both hosts
+  assert saved == [int(found[0])] and saved[0] < STEPS, saved   # the forced save of both hosts
   assert "finished at step" not in log
 
 
@@ -121,7 +130,7 @@ def test_sigterm_to_both_hosts_at_different_times_stops_them_together(stopped_tw
   first = runs[0][3][0]
   _, log, delivered, saved = runs[1]
   assert delivered == ["compiled align/di", "stopped by signal"], log[-3000:]
-  assert f"[di] step {first + 1}/3" in log and f"[di] step {first}/3" not in log   # resumed
+  assert f"[di] step {first + 1}/{STEPS}" in log and f"[di] step {first}/{STEPS}" not in log   # resumed
   found = re.findall(r"stopped by signal 15 on process 0 at step (\d+); checkpoint saved", log)
   assert len(found) == 1, log[-3000:]
   assert saved == [first, int(found[0])], saved
