@@ -1,0 +1,1 @@
+"""Evaluation metrics (FID) computed outside the training loop."""
