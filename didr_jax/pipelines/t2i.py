@@ -21,18 +21,18 @@ from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
 
-def _load_real(cfg, mesh, rules, text_mesh):
-  """Weights from disk (paths already checked by ``validate``)."""
-  from didr_jax import rewards
+def model_kwargs(cfg, mesh, rules) -> dict:
+  m = cfg.model
+  return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, rules=rules,
+              attention=m.attention, remat=m.remat, cache_dir=m.cache_dir or None)
+
+
+def load_vae_and_towers(cfg, mesh, rules, text_mesh) -> dict:
+  """The reference's VAE and text towers from disk: dict(vae_graph, vae, vae_config, towers)."""
   from didr_jax.models.clip_loading import from_transformers
   from didr_jax.models.diffusers_loading import from_diffusers
   from didr_jax.text import load_clip_tokenizer
-  m = cfg.model
-  kw = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, rules=rules,
-            attention=m.attention, remat=m.remat, cache_dir=m.cache_dir or None)
-  unet = from_diffusers(os.path.join(m.reference, "unet"), **kw)
-  unet_graph, ref = nnx.split(unet)
-  gen = load_generator(m.generator, unet.config, kw) if m.generator else None
+  m, kw = cfg.model, model_kwargs(cfg, mesh, rules)
   vae = from_diffusers(os.path.join(m.reference, "vae"), **dict(kw, dtype=DTYPES[m.vae_dtype]))
   vae_graph, vae_params = nnx.split(vae)
   towers = []
@@ -42,32 +42,74 @@ def _load_real(cfg, mesh, rules, text_mesh):
                               mesh=text_mesh, rules=sharding.get_rules("replicated"))
     g, p = nnx.split(model)
     towers.append((load_clip_tokenizer(os.path.join(m.reference, tok)), g, p))
+  return dict(vae_graph=vae_graph, vae=vae_params, vae_config=vae.config, towers=towers)
+
+
+def load_reward(cfg, mesh):
+  from didr_jax import rewards
   r = cfg.reward
   rkw = {k: getattr(r, k) for k in ("clip", "tokenizer") if getattr(r, k)}
   if r.clip_config:
     rkw["config" if r.name != "aesthetic" else "clip_config"] = r.clip_config
-  reward = rewards.load(r.name, r.path, mesh=mesh, rules=sharding.get_rules("replicated"), **rkw)
-  return dict(unet_graph=unet_graph, ref=ref, gen=gen, vae_graph=vae_graph, vae=vae_params,
-              vae_config=vae.config, towers=towers, reward=reward)
+  return rewards.load(r.name, r.path, mesh=mesh, rules=sharding.get_rules("replicated"), **rkw)
+
+
+def _load_real(cfg, mesh, rules, text_mesh):
+  """Weights from disk (paths already checked by ``validate``)."""
+  from didr_jax.models.diffusers_loading import from_diffusers
+  m, kw = cfg.model, model_kwargs(cfg, mesh, rules)
+  unet = from_diffusers(os.path.join(m.reference, "unet"), **kw)
+  unet_graph, ref = nnx.split(unet)
+  gen = load_generator(m.generator, unet.config, kw)[1] if m.generator else None
+  return dict(load_vae_and_towers(cfg, mesh, rules, text_mesh), unet_graph=unet_graph, ref=ref,
+              gen=gen, reward=load_reward(cfg, mesh))
 
 
 def load_generator(path: str, unet_config, kw):
-  """A diffusers UNet folder, or one safetensors file in diffusers naming with the reference's config."""
+  """(graph, params) of a diffusers UNet folder, or of one safetensors file in diffusers naming
+  with architecture ``unet_config`` (the reference's)."""
   from didr_jax.models.diffusers_loading import abstract_for, from_diffusers
   from didr_jax.models.unet_mapping import unet_rules
   from didr_jax.weights import load_state, read_safetensors
   if os.path.isdir(path):
-    return nnx.split(from_diffusers(path, **kw))[1]
-  mesh, rules = kw["mesh"], kw["rules"]
-  _, abs_state = abstract_for("UNet2DConditionModel", unet_config, dtype=kw["dtype"],
-                              param_dtype=kw["param_dtype"], attention=kw["attention"],
-                              remat=kw["remat"], mesh=mesh, rules=rules)
-  return load_state(abs_state, read_safetensors(path), unet_rules(unet_config), what=path)
+    return nnx.split(from_diffusers(path, **kw))
+  graph, abs_state = abstract_for("UNet2DConditionModel", unet_config, dtype=kw["dtype"],
+                                  param_dtype=kw["param_dtype"], attention=kw["attention"],
+                                  remat=kw["remat"], mesh=kw["mesh"], rules=kw["rules"])
+  return graph, load_state(abs_state, read_safetensors(path), unet_rules(unet_config), what=path)
 
 
 def vae_factor(vae_config) -> int:
   """Pixels per latent: 2 ** (levels - 1) (8 for SD / SDXL VAEs)."""
   return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def unet_apply(graph, sdxl: bool):
+  """(params, x, t, cond) -> the UNet's output (eps) in its compute dtype."""
+  def apply(p, x, t, c):
+    unet = nnx.merge(graph, p)
+    extra = dict(text_embeds=c["pooled"], time_ids=c["time_ids"]) if sdxl else {}
+    return unet(x.astype(unet.dtype), t, c["context"], **extra)
+  return apply
+
+
+def one_step_x0(network_apply, schedule, label_t: float, scale: float):
+  """(params, z, cond) -> x0 in float32: the eps network at time ``label_t`` on ``scale * z``,
+  read out as x0 = (x - s eps) / a."""
+  def apply(p, z, c):
+    t = jnp.full((z.shape[0],), label_t, jnp.float32)
+    x_in = scale * z.astype(jnp.float32)
+    eps = network_apply(p, x_in, t, c).astype(jnp.float32)
+    a, s = schedule.alpha_sigma(label_t)
+    return (x_in - s * eps) / a
+  return apply
+
+
+def decode(vae_graph, vae_params, x0):
+  """Latents (model scale) -> images in [-1, 1], float32."""
+  vae = nnx.merge(vae_graph, vae_params)
+  img = vae.decode(vae.unscale_latents(x0.astype(jnp.float32)).astype(vae.dtype))
+  return jnp.clip(img.astype(jnp.float32), -1.0, 1.0)
 
 
 class T2I:
@@ -108,32 +150,17 @@ class T2I:
     return {"ref": self.ref_params, "vae": self.vae_params, "reward": self.reward.params}
 
   def _task(self) -> Task:
-    cfg, sched, graph = self.cfg, self.schedule, self.unet_graph
-    label_t, scale = float(cfg.model.label_t), float(cfg.model.input_scale)
-    sdxl = cfg.backbone == "sdxl"
-
-    def network_apply(p, x, t, c):
-      unet = nnx.merge(graph, p)
-      extra = dict(text_embeds=c["pooled"], time_ids=c["time_ids"]) if sdxl else {}
-      return unet(x.astype(unet.dtype), t, c["context"], **extra)
-
-    def generator_apply(p, z, c):
-      t = jnp.full((z.shape[0],), label_t, jnp.float32)
-      x_in = scale * z.astype(jnp.float32)
-      eps = network_apply(p, x_in, t, c).astype(jnp.float32)
-      a, s = sched.alpha_sigma(label_t)
-      return (x_in - s * eps) / a
-
-    return Task(schedule=sched, prediction="eps", sample_shape=(self.latent, self.latent, 4),
-                generator_apply=generator_apply, network_apply=network_apply,
-                reward_apply=self.reward_apply, ta_t_range=tuple(cfg.align.ta_t_range),
-                gen_t_range=tuple(cfg.align.gen_t_range), uncond=self.encoder.uncond)
+    cfg = self.cfg
+    network_apply = unet_apply(self.unet_graph, cfg.backbone == "sdxl")
+    return Task(schedule=self.schedule, prediction="eps", sample_shape=(self.latent, self.latent, 4),
+                generator_apply=one_step_x0(network_apply, self.schedule, float(cfg.model.label_t),
+                                            float(cfg.model.input_scale)),
+                network_apply=network_apply, reward_apply=self.reward_apply,
+                ta_t_range=tuple(cfg.align.ta_t_range), gen_t_range=tuple(cfg.align.gen_t_range),
+                uncond=self.encoder.uncond)
 
   def decode(self, vae_params, x0):
-    """Latents (model scale) -> images in [-1, 1], float32."""
-    vae = nnx.merge(self.vae_graph, vae_params)
-    img = vae.decode(vae.unscale_latents(x0.astype(jnp.float32)).astype(vae.dtype))
-    return jnp.clip(img.astype(jnp.float32), -1.0, 1.0)
+    return decode(self.vae_graph, vae_params, x0)
 
   def reward_apply(self, frozen, x0, c):
     return self.reward.apply(frozen["reward"], self.decode(frozen["vae"], x0), c.get("reward_ids"))

@@ -42,7 +42,8 @@ def check_unet_config(config: dict, backbone: str, field: str, where: str):
     _fail(field, f"{where}: addition_embed_type={add!r}; an SD1.5 UNet has none (use configs/sdxl.py)")
 
 
-def _check_paths(cfg):
+def check_model_paths(cfg):
+  """model.reference (a diffusers folder of the backbone) and model.generator, when set."""
   m, backbone = cfg.model, cfg.backbone
   layout = ", ".join(LAYOUT[backbone])
   if not m.reference:
@@ -70,6 +71,10 @@ def _check_paths(cfg):
     elif not (os.path.isfile(m.generator) and m.generator.endswith(".safetensors")):
       _fail("model.generator", f"{m.generator}: not found; expected a diffusers UNet folder or a "
                                ".safetensors file in diffusers naming")
+
+
+def _check_paths(cfg):
+  check_model_paths(cfg)
   r = cfg.reward
   if not r.path or not os.path.exists(r.path):
     _fail("reward.path", f"{r.path or '<unset>'}: not found; expected the weights of reward "

@@ -125,18 +125,29 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_fields(directory: str, like: dict, step: int | None = None) -> tuple[int, dict]:
-  """(step, {field: tree}): only the TrainState fields in ``like`` ({field: abstract tree with
-  shardings}) of checkpoint ``step`` (default: the latest), e.g. the generator for an export
-  without materialising the TA or the optimizer states."""
+def available_steps(directory: str) -> list[int]:
+  """Steps of the complete checkpoints in ``directory``; CheckpointNotFoundError when none."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(f"{directory}: no checkpoint folder")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise CheckpointNotFoundError(f"{directory}: holds no complete checkpoint")
+    steps = sorted(manager.all_steps())
+  finally:
+    manager.close()
+  if not steps:
+    raise CheckpointNotFoundError(f"{directory}: holds no complete checkpoint")
+  return steps
+
+
+def restore_fields(directory: str, like: dict, step: int | None = None) -> tuple[int, dict]:
+  """(step, {field: tree}): only the TrainState fields in ``like`` ({field: abstract tree with
+  shardings}) of checkpoint ``step`` (default: the latest), e.g. the generator for an export
+  without materialising the TA or the optimizer states."""
+  steps = available_steps(directory)
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
     step = max(steps) if step is None else int(step)
     if step not in steps:
       raise CheckpointNotFoundError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
