@@ -38,6 +38,8 @@ COMMANDS = {
         "tests/test_t2i_pipeline.py::test_sd15_tiny_generator_reward_and_uncond",  # in-process
     "python -m didr_jax.main --config=configs/digits.py:fast":
         "tests/test_digits_cli.py::test_rerun_resumes_the_interrupted_runs",
+    "python -m didr_jax.sample --workdir=runs/tiny --prompts=prompts.txt --images_per_prompt=2 "
+    "--out=runs/tiny-samples": "tests/test_sample_cli.py::test_same_files_on_one_and_eight_devices",
 }
 # A shell block whose neighbouring paragraph carries one of these labels may show any command.
 LABELS = ("(needs real weights)", "(needs an accelerator)", "(needs real weights and an accelerator)",

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from didr_jax.metrics import pareto
+
 METHOD_ORDER = ("di", "dipp", "distar", "didr")
 COLUMNS = (("reward", "reward"), ("held-out reward", "heldout_reward"), ("acc", "reward_accuracy"),
            ("held-out acc", "heldout_accuracy"), ("FD", "fd"), ("FD/class", "fd_class_mean"),
@@ -21,11 +23,7 @@ COLUMNS = (("reward", "reward"), ("held-out reward", "heldout_reward"), ("acc", 
 
 def dominated_by(points: dict) -> dict:
   """{run: [runs that dominate it]} for points {run: (heldout_reward, fd)}."""
-  out = {}
-  for a, (ra, fa) in points.items():
-    out[a] = sorted(b for b, (rb, fb) in points.items()
-                    if b != a and rb >= ra and fb <= fa and (rb > ra or fb < fa))
-  return out
+  return pareto.dominated_by(points, maximize=(True, False))
 
 
 def front(points: dict) -> list:

@@ -83,10 +83,18 @@ def load_clip(path: str, *, config=None, **kwargs) -> CLIPModel:
 class Reward:
   """Base: ``__call__`` validates images, tokenises string prompts, runs the jitted ``apply``.
 
-  Subclasses set ``name``, ``tokenizer`` (None: no prompts), ``graphdef`` / ``params`` and define
-  the pure ``apply(params, images, ids)``."""
+  Subclasses set ``name``, ``tokenizer`` (None: no prompts), ``image_size``, ``mode`` (the
+  reference's resize: "crop" or "pad"), ``graphdef`` / ``params`` and define the pure
+  ``score_pixels(params, pixels, ids)`` on normalised model input [B, size, size, 3]. ``apply``
+  (training) reaches it through the differentiable preprocessing; the evaluation path feeds it
+  pixels preprocessed the official way (didr_jax/evaluate/official.py)."""
   name: str
   tokenizer = None
+  mode = "crop"
+
+  def apply(self, params, images, ids):
+    """Pure scores[B] from (params, [-1, 1] images, token ids or None)."""
+    return self.score_pixels(params, clip_preprocess(images, self.image_size, self.mode, check=False), ids)
 
   def _init_apply(self, modules):
     self.graphdef, self.params = nnx.split(modules)
@@ -136,11 +144,9 @@ class CLIPReward(Reward):
     self.image_size = clip.config.vision.image_size
     self._init_apply((clip, head))
 
-  def apply(self, params, images, ids):
-    """Pure scores[B] from (params, [-1, 1] images, token ids or None)."""
+  def score_pixels(self, params, pixels, ids):
     clip, head = nnx.merge(self.graphdef, params)
-    x = clip_preprocess(images, self.image_size, self.mode, check=False)
-    img = clip.encode_image(x).astype(jnp.float32)
+    img = clip.encode_image(pixels).astype(jnp.float32)
     if self.score == "aesthetic":
       return head(l2_normalize(img))
     txt = jax.lax.stop_gradient(clip.encode_text(ids).astype(jnp.float32))

@@ -18,7 +18,6 @@ from didr_jax.models.blip import BertConfig, BertCrossEncoder, BLIPViTConfig, BL
 from didr_jax.models.clip_loading import CheckpointArchitectureError, materialise
 import didr_jax.models.clip_mapping  # noqa: F401  (registers the fused-qkv in_proj_* transforms)
 from didr_jax.rewards.clip_rewards import AestheticHead, Reward
-from didr_jax.rewards.preprocess import clip_preprocess
 from didr_jax.text.bert_tokenizer import load_bert_tokenizer
 from didr_jax.weights import Rule, read_safetensors
 
@@ -107,10 +106,9 @@ class ImageReward(Reward):
     self.image_size = model.visual_encoder.config.image_size
     self._init_apply(model)
 
-  def apply(self, params, images, ids):
-    """Pure scores[B] from (params, [-1, 1] images, BERT token ids [B, 35])."""
-    model = nnx.merge(self.graphdef, params)
-    return model(clip_preprocess(images, self.image_size, "crop", check=False), ids)
+  def score_pixels(self, params, pixels, ids):
+    """Scores[B] from normalised pixels and BERT token ids [B, 35]."""
+    return nnx.merge(self.graphdef, params)(pixels, ids)
 
 
 def load_imagereward(path: str, *, med_config: str | None = None, tokenizer: str | None = None,
