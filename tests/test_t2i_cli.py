@@ -1,4 +1,5 @@
-"""``python -m didr_jax.main --config=configs/sdxl.py:tiny`` with DIDR on an 8-device CPU mesh.
+"""``python -m didr_jax.main --config=configs/sdxl.py:tiny`` with DIDR on a 2-device CPU mesh (FSDP:
+parameters and batch split in two; the 8-way mesh runs in-process in tests/test_t2i_pipeline.py).
 
 One run is stopped by SIGTERM after step 1 (it saves and exits 0), rerun and SIGKILLed during
 step 2 (a crash: no half-written checkpoint may be picked up), rerun to the end; it must equal an
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("t2i_didr")
-  environ = t2i_cli.env(str(tmp / "jax_cache"))
+  environ = t2i_cli.env(str(tmp / "jax_cache"), devices=2)
   resumed, straight = str(tmp / "resumed"), str(tmp / "straight")
   logs = {}
   code, logs["sigterm"] = t2i_cli.run_then_signal(t2i_cli.command(resumed, "didr"), environ,
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
 
 def test_sigterm_saves_and_exits_zero_then_reruns_resume(runs):
   resumed, _, logs = runs
-  assert "per device 1 (data x fsdp = 8)" in logs["sigterm"]
+  assert "per device 4 (data x fsdp = 2)" in logs["sigterm"]
   assert "stopped by signal 15 at step 1; checkpoint saved" in logs["sigterm"]
   assert not logs["exports_after_sigterm"], "a preempted run exports nothing"
   assert "[didr] step 1/3" not in logs["sigkill"] and "[didr] step 2/3" in logs["sigkill"]
