@@ -10,7 +10,8 @@ import numpy as np
 
 def test_runs_in_two_threads_equal_runs_in_one(tmp_path):
   from configs.digits import get_config
-  from didr_jax.digits.experiment import align_runs, wait_all
+  from didr_jax.digits.experiment import align_runs
+  from didr_jax.training.loop import wait_for_jobs
   from didr_jax.digits.phases import Aligner
   from didr_jax.digits.problem import Digits
   from didr_jax.digits.sweep import run_specs
@@ -37,7 +38,7 @@ def test_runs_in_two_threads_equal_runs_in_one(tmp_path):
       jobs = align_runs(aligner, specs, warm, collections.defaultdict(lambda: None), None, None,
                         generate, native, str(workdir), pool)
       assert len(jobs) == 2          # {dipp_1, dipp_10} share one program: one job, queued first
-      done = wait_all(jobs, pool)
+      done = wait_for_jobs(jobs, pool)
     assert [list(group) for group in done] == [["dipp_1", "dipp_10"], ["di"]]
     out[workers] = {name: images for group in done for name, (images, _) in group.items()}
   for name in out[1]:

@@ -28,9 +28,9 @@ from didr_jax.digits.data import to_native
 from didr_jax.digits.problem import CLASSIFIERS, Digits
 from didr_jax.digits.sweep import default_runs, objective_config, run_specs
 from didr_jax.objectives.posterior_drs import variance_table
-from didr_jax.training.checkpoint import phase_checkpointers
+from didr_jax.training.checkpoint import closing_all, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
-from didr_jax.training.loop import StopSignal
+from didr_jax.training.loop import StopSignal, wait_for_jobs
 from didr_jax.training.metrics import MetricWriter
 
 
@@ -219,20 +219,6 @@ def align_runs(aligner, specs, warm, ckpts, writer, stop, generate, native, work
           for _, members in itertools.groupby(sorted(specs, key=by_program), key=by_program)]
 
 
-def wait_all(jobs, pool) -> list:
-  """The jobs' results; the first failure (a stop included) is raised once the running jobs have
-  finished or stopped at their next chunk (queued ones are cancelled)."""
-  try:
-    finished, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
-    for job in finished:
-      if job.exception() is not None:
-        raise job.exception()
-    return [job.result() for job in jobs]
-  except BaseException:
-    pool.shutdown(wait=True, cancel_futures=True)
-    raise
-
-
 def run(cfg, workdir: str) -> dict:
   if jax.process_count() > 1 and cfg.train.parallel_runs > 1:
     fail("train.parallel_runs", f"{cfg.train.parallel_runs} runs the sweep in threads, whose collectives "
@@ -256,7 +242,7 @@ def run(cfg, workdir: str) -> dict:
   native = lambda x: np.asarray(jnp.clip(to_native(x), -1.0, 1.0))[..., 0]
   generate = jax.jit(lambda p: dg.generate(p, eval_z, eval_y))
   samples = {}
-  with StopSignal() as stop:
+  with StopSignal() as stop, closing_all(ckpts.values()):
     t0 = time.time()
     train_native = {"x": jax.device_put(jnp.asarray(dg.split.train_images), dg.repl),
                     "y": jax.device_put(jnp.asarray(dg.split.train_labels), dg.repl)}
@@ -284,7 +270,7 @@ def run(cfg, workdir: str) -> dict:
           t1 = time.time()
           return cached_drs_check(dg, ref, clf["reward"], frozen, workdir), time.time() - t1
         jobs.append(pool.submit(check))
-      done = wait_all(jobs, pool)
+      done = wait_for_jobs(jobs, pool)
     stages["alignment"] = time.time() - t0
     drs = None
     if cfg.eval.drs_check_states > 0:
@@ -293,8 +279,6 @@ def run(cfg, workdir: str) -> dict:
     walls = {}
     for spec in specs:
       samples[spec.name], walls[spec.name] = aligned[spec.name]
-  for c in ckpts.values():
-    c.close()
   writer.close()
   t0 = time.time()
   scorer = Scorer(dg, clf)

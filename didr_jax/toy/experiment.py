@@ -22,9 +22,9 @@ from didr_jax.config_checks import fail
 from didr_jax.diffusion import ddim_sample, make_schedule
 from didr_jax.objectives import ObjectiveConfig, dsm_loss, method_and_drs, mixture_drs, variance_table
 from didr_jax.training import state as st
-from didr_jax.training.checkpoint import Checkpointer, phase_checkpointers
+from didr_jax.training.checkpoint import Checkpointer, closing_all, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
-from didr_jax.training.loop import StopSignal, run_chunks
+from didr_jax.training.loop import StopSignal, run_chunks, wait_for_jobs
 from didr_jax.training.metrics import MetricWriter
 from didr_jax.training.steps import StepConfig, compile_chunk, make_fit_step, make_outer_step, scan_chunk
 from didr_jax.training.task import Task
@@ -289,7 +289,7 @@ def run(cfg, workdir: str) -> dict:
                    out_shardings=toy.batch_sh)()
   results = {"target": target_summary(toy.problem), "methods": {}}
   samples = {}
-  with StopSignal() as stop:
+  with StopSignal() as stop, closing_all(ckpts.values()):
     t0 = time.time()
     ref_params = train_reference(toy, ckpts["reference"], writer, stop)
     gen_params = distill_generator(toy, ref_params, ckpts["distill"], writer, stop)
@@ -304,22 +304,15 @@ def run(cfg, workdir: str) -> dict:
              if didr and snis_objective(cfg).needs_drs_table else None)
     t1 = time.time()
     with concurrent.futures.ThreadPoolExecutor(cfg.train.parallel_methods) as pool:
-      try:
-        queued = align_methods(toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
-                               workdir)
-        # the bias tables need only the reference: last in the queue, beside the last method
-        bias_job = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
-                    if didr else None)
-        jobs = list(queued.values()) + ([bias_job] if bias_job is not None else [])
-        finished, _ = concurrent.futures.wait(jobs, return_when=concurrent.futures.FIRST_EXCEPTION)
-        for job in finished:
-          if job.exception() is not None:    # the first failure (or stop) ends the wait
-            raise job.exception()
-        aligned = {m: f.result() for m, f in queued.items()}
-        bias = bias_job.result() if bias_job is not None else None
-      except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)   # running methods finish or stop on the signal
-        raise
+      queued = align_methods(toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
+                             workdir)
+      # the bias tables need only the reference: last in the queue, beside the last method
+      bias_job = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
+                  if didr else None)
+      jobs = list(queued.values()) + ([bias_job] if bias_job is not None else [])
+      results_of = dict(zip(jobs, wait_for_jobs(jobs, pool)))
+      aligned = {m: results_of[f] for m, f in queued.items()}
+      bias = results_of[bias_job] if bias_job is not None else None
     results["alignment_wall_s"] = time.time() - t1
     for method, (method_samples, wall) in aligned.items():
       samples[method] = method_samples
@@ -327,8 +320,6 @@ def run(cfg, workdir: str) -> dict:
     if bias is not None and jax.process_index() == 0:
       with open(os.path.join(workdir, "drp_bias.json"), "w") as f:
         json.dump(bias, f, indent=2)
-  for c in ckpts.values():
-    c.close()
   writer.close()
   if jax.process_index() == 0:
     report.write_all(workdir, toy.problem, results, samples)

@@ -1,6 +1,7 @@
 """Orbax CheckpointManager wrapper: async, keep-N, every-N, config-checked, exact resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -121,8 +122,24 @@ class Checkpointer:
     return PREEMPTION.reached()
 
   def close(self):
+    """Wait for the pending async saves, then release the manager (a second call does nothing)."""
+    if getattr(self, "_closed", False):
+      return
     self.manager.wait_until_finished()
     self.manager.close()
+    self._closed = True
+
+
+@contextlib.contextmanager
+def closing_all(checkpointers):
+  """Close every checkpointer when the block is left, by an exception (a stop) too: a stop raised
+  in one thread must not end the process while another thread's async save is still writing (its
+  partial step folder would break the rerun's save of that step)."""
+  try:
+    yield
+  finally:
+    for c in checkpointers:
+      c.close()
 
 
 def available_steps(directory: str) -> list[int]:

@@ -7,6 +7,7 @@ different times (one host alone in the collective save would wait for the others
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import signal
 import threading
@@ -57,6 +58,28 @@ class StopSignal:
   @property
   def requested(self) -> bool:
     return self.signum is not None
+
+
+def wait_for_jobs(jobs, pool, poll_s: float = 0.2) -> list:
+  """The results of ``jobs`` (futures of ``pool``); the first failure (a stop included) is raised
+  once the running jobs have finished or stopped at their next chunk (queued ones are cancelled).
+
+  The main thread polls instead of blocking: a process-directed SIGTERM may be delivered to any
+  thread, and Python runs the handler (which sets the stop flag the jobs read) only when the main
+  thread executes bytecode, so a main thread blocked until every job is done would let them all
+  run to their end."""
+  try:
+    pending = set(jobs)
+    while pending:
+      done, pending = concurrent.futures.wait(pending, timeout=poll_s,
+                                              return_when=concurrent.futures.FIRST_EXCEPTION)
+      for job in done:
+        if job.exception() is not None:
+          raise job.exception()
+    return [job.result() for job in jobs]
+  except BaseException:
+    pool.shutdown(wait=True, cancel_futures=True)
+    raise
 
 
 def gather_votes(local: np.ndarray) -> np.ndarray:
