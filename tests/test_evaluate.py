@@ -238,3 +238,27 @@ def test_bad_specs_and_protocols_name_the_field(folder, tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: --images: 1 image(s) listed") and "00000_1.png" in last, last
   assert not (tmp_path / "o").exists()
+
+
+def test_imagereward_equals_blip_through_its_transform(folder):
+  """ImageReward's own transform (torchvision Resize(BICUBIC) + CenterCrop + ToTensor + Normalize
+  on a PIL image, its ``_transform``) into the torch towers, against the evaluate metric."""
+  from torchvision import transforms as T
+  from tests import reward_imagereward as ri
+  ref = ri.build(str(folder["root"] / "imagereward"))
+  spec = metrics.MetricSpec("imagereward", str(folder["root"] / "imagereward" / "ImageReward.safetensors"),
+                            {"vision": ri.vision_config()})
+  metric = metrics.load(spec)
+  prompts = [r["prompt"] for r in folder["rows"]]
+  got = metric(folder["arrays"], prompts, batch=4)
+  size = ri.VIT["image_size"]
+  tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                  T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+  px = torch.stack([tf(Image.fromarray(a)) for a in folder["arrays"]])
+  ids = torch.from_numpy(np.asarray(metric.reward.tokenize(prompts), np.int64))
+  with torch.no_grad():
+    tokens = ref.visual_encoder.forward_features(px)
+    out = ref.text_encoder(input_ids=ids, attention_mask=(ids != 0).long(), encoder_hidden_states=tokens,
+                           encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long))
+    expected = ((ref.mlp(out.last_hidden_state[:, 0]) - ri.MEAN) / ri.STD)[:, 0].numpy()
+  assert cf.rel_err(got, expected) <= 1e-4, (got, expected)

@@ -1,7 +1,8 @@
 """``python -m didr_jax.sample`` on a ``:tiny`` run: the files equal the one-step generator computed
 here from the restored networks by hand (seed rule, eps -> x0 read-out at label_t, VAE decode,
-uint8 rounding, the prompt of each file); the same files on 1 device and on 8; resumable (only
-missing files are sampled); the index lists every image; bad input is one line and exit code 2."""
+uint8 rounding, the prompt of each file); the same files on 1 device, on 8, and from 2 processes;
+resumable (only missing files are sampled); the index lists every image; the diffusers export
+samples what its checkpoint does; bad input is one line and exit code 2."""
 import json
 import os
 import subprocess
@@ -172,3 +173,28 @@ def test_exported_generator_folder_samples_the_same_images(run, tmp_path):
   for name in sorted(n for n in os.listdir(outs["checkpoint"]) if n.endswith(".png")):
     np.testing.assert_array_equal(_png(os.path.join(outs["export"], name)),
                                   _png(os.path.join(outs["checkpoint"], name)), name)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_the_same_files(run, sampled, tmp_path):
+  """2 processes x 1 device (gloo): each encodes its half of every batch, process 0's view of
+  the existing files is used by both, the images are gathered and process 0 writes them."""
+  from tests.cli_util import free_port
+  workdir, prompts, _ = run
+  out, port = str(tmp_path / "two"), free_port()
+  os.makedirs(out)
+  Image.fromarray(_png(os.path.join(sampled[1], "00000_0.png"))).save(os.path.join(out, "00000_0.png"))
+  procs = [subprocess.Popen([sys.executable, "-m", "didr_jax.sample", f"--workdir={workdir}", "--step=1",
+                             f"--prompts={prompts}", f"--out={out}", f"--seeds={','.join(map(str, SEEDS))}",
+                             "--batch=2", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={r}"], cwd=ROOT, env=env(1), stderr=subprocess.PIPE, text=True)
+           for r in range(2)]
+  logs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert "6 images (3 prompts x 2 seeds): 1 exist, 5 to sample" in logs[0]
+  names = sorted(n for n in os.listdir(sampled[1]) if n.endswith(".png"))
+  assert sorted(n for n in os.listdir(out) if n.endswith(".png")) == names
+  for n in names:
+    np.testing.assert_array_equal(_png(os.path.join(out, n)), _png(os.path.join(sampled[1], n)), n)
+  assert open(os.path.join(out, "index.jsonl")).read() == open(os.path.join(sampled[1], "index.jsonl")).read()
