@@ -1,6 +1,6 @@
-"""Evaluation throughput on this CPU: images/s of the FID Inception (pool3, 299x299) and of a
-ViT-L/14 CLIP image tower (224x224: the CLIPScore / aesthetic tower size), ours (jitted JAX) vs the
-PyTorch references (pytorch-fid's network; transformers' CLIPModel) on the same random weights and
+"""Evaluation throughput on this CPU: images/s of the FID Inception (pool3, 299x299) and of the
+ViT-L/14 and ViT-H/14 CLIP image towers (224x224: CLIPScore / aesthetic, PickScore / HPSv2), ours
+(jitted JAX) vs the PyTorch references (pytorch-fid's network; transformers' CLIPModel) on the same random weights and
 images, in one run; and images/s of one-step sampling of the tiny SDXL-shaped generator through
 ``didr_jax.pipelines.sampling`` (model + VAE decode + PNG-ready uint8, 1 device).
 
@@ -64,20 +64,30 @@ def inception(batch, reps, tmp):
   return {"clean resize (PIL)": t_resize, "ours": t_ours, "pytorch-fid": t_ref}
 
 
-def clip_tower(batch, reps, tmp):
+# Image towers of the CLIP metrics (the text towers are cut to 2 layers: only images are timed).
+TOWERS = {
+    "CLIP ViT-L/14 image tower (224x224; CLIPScore, aesthetic)":
+        (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              hidden_act="quick_gelu"), 768),
+    "CLIP ViT-H/14 image tower (224x224; PickScore, HPSv2)":
+        (dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+              hidden_act="gelu"), 1024),
+}
+
+
+def clip_tower(batch, reps, tmp, vision, projection):
   from transformers import CLIPConfig, CLIPModel
   from didr_jax.evaluate import official
   from didr_jax.rewards.clip_rewards import load_clip
   from flax import nnx
   cfg = CLIPConfig(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
                                     num_attention_heads=12),
-                   vision_config=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                      num_hidden_layers=24, num_attention_heads=16, hidden_act="quick_gelu"),
-                   projection_dim=768)
+                   vision_config=dict(image_size=224, patch_size=14, **vision), projection_dim=projection)
   torch.manual_seed(0)
   ref = CLIPModel(cfg).eval()
-  ref.save_pretrained(os.path.join(tmp, "clip"))
-  graph, params = nnx.split(load_clip(os.path.join(tmp, "clip")))
+  folder = os.path.join(tmp, f"clip{vision['hidden_size']}")
+  ref.save_pretrained(folder)
+  graph, params = nnx.split(load_clip(folder))
   embed = jax.jit(lambda p, v: nnx.merge(graph, p).encode_image(v))
   images = np.random.default_rng(1).integers(0, 256, (batch, 512, 512, 3), dtype=np.uint8)
   t_pre = median_time(lambda: official.preprocess(images, 224, "hf_crop"), reps)
@@ -110,7 +120,8 @@ def main():
   rows = {}
   with tempfile.TemporaryDirectory() as tmp:
     rows["FID Inception (299x299)"] = inception(args.batch, args.reps, tmp)
-    rows["CLIP ViT-L/14 image tower (224x224)"] = clip_tower(args.batch, args.reps, tmp)
+    for name, (vision, projection) in TOWERS.items():
+      rows[name] = clip_tower(args.batch, args.reps, tmp, vision, projection)
   rows["sampling"] = sampling(args.batch, args.reps)
   ratios = record.done()
   print(f"\nbatch {args.batch}, median of {args.reps}; images/s (seconds per batch)")

@@ -262,3 +262,26 @@ def test_imagereward_equals_blip_through_its_transform(folder):
                            encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long))
     expected = ((ref.mlp(out.last_hidden_state[:, 0]) - ri.MEAN) / ri.STD)[:, 0].numpy()
   assert cf.rel_err(got, expected) <= 1e-4, (got, expected)
+
+
+def test_aesthetic_equals_openai_clip_transform_and_head(folder):
+  """The LAION predictor's path: OpenAI CLIP's transform (torchvision Resize(BICUBIC) + CenterCrop
+  on a PIL image), the image embedding, L2 normalisation, the MLP head; against the metric."""
+  from torchvision import transforms as T
+  from tests import reward_torch as rt
+  from didr_jax.weights.safetensors_io import write_safetensors
+  root = folder["root"]
+  clip = cf.hf_clip_model(str(root / "openai"), act="quick_gelu", vocab=cf.REAL_VOCAB, eos=cf.REAL_EOS, seed=1)
+  torch.manual_seed(3)
+  head = rt.aesthetic_mlp(16)
+  write_safetensors(str(root / "head.safetensors"), {k: v.detach().numpy() for k, v in head.state_dict().items()})
+  metric = metrics.load(metrics.MetricSpec("aesthetic", str(root / "head.safetensors"), {"clip": str(root / "openai")}))
+  got = metric(folder["arrays"], [r["prompt"] for r in folder["rows"]], batch=4)
+  tf = T.Compose([T.Resize(cf.IMAGE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(cf.IMAGE),
+                  T.ToTensor(),
+                  T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+  px = torch.stack([tf(Image.fromarray(a)) for a in folder["arrays"]])
+  with torch.no_grad():
+    e = clip.get_image_features(pixel_values=px).pooler_output
+    expected = head(e / e.norm(dim=-1, keepdim=True))[:, 0].numpy()
+  assert cf.rel_err(got, expected) <= 1e-4, (got, expected)
