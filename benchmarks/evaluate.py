@@ -1,8 +1,9 @@
 """Evaluation throughput on this CPU: images/s of the FID Inception (pool3, 299x299) and of the
-ViT-L/14 and ViT-H/14 CLIP image towers (224x224: CLIPScore / aesthetic, PickScore / HPSv2), ours
-(jitted JAX) vs the PyTorch references (pytorch-fid's network; transformers' CLIPModel) on the same random weights and
-images, in one run; and images/s of one-step sampling of the tiny SDXL-shaped generator through
-``didr_jax.pipelines.sampling`` (model + VAE decode + PNG-ready uint8, 1 device).
+ViT-L/14 and ViT-H/14 CLIP image towers (224x224: CLIPScore / aesthetic, PickScore / HPSv2) and
+of ImageReward, ours (jitted JAX) vs the PyTorch references (pytorch-fid's network;
+transformers' CLIPModel; timm + transformers for BLIP) on the same random weights and
+images, in one run; and images/s of sampling the tiny SDXL-shaped reference (one guided DDIM step)
+through ``didr_jax.pipelines.sampling`` (model + VAE decode + PNG-ready uint8, 1 device).
 
     PYTHONPATH=. python benchmarks/evaluate.py [--batch 4] [--reps 3] [--force]
 
@@ -99,6 +100,37 @@ def clip_tower(batch, reps, tmp, vision, projection):
   return {"hf_crop preprocessing (PIL)": t_pre, "ours": t_ours, "transformers": t_ref}
 
 
+def imagereward(batch, reps, tmp):
+  """ImageReward at its real size (BLIP ViT-L/16 at 224, BERT-base with cross-attention), through
+  the official tv_crop path; the torch side is tests/reward_imagereward.py's timm ViT +
+  transformers' BlipTextModel + the MLP head."""
+  from tests import reward_imagereward as ri
+  from didr_jax.evaluate import official
+  from didr_jax import rewards
+  vit = dict(image_size=224, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096)
+  bert = dict(ri.BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+              max_position_embeddings=512)
+  ref = ri.build(os.path.join(tmp, "imagereward"), vit=vit, bert=bert)
+  ours = rewards.load("imagereward", os.path.join(tmp, "imagereward", "ImageReward.safetensors"),
+                      vision=ri.vision_config(vit))
+  images = np.random.default_rng(2).integers(0, 256, (batch, 512, 512, 3), dtype=np.uint8)
+  t_pre = median_time(lambda: official.preprocess(images, 224, "tv_crop"), reps)
+  px = official.preprocess(images, 224, "tv_crop")
+  ids = np.asarray(ours.tokenize(["a photo of a red cat"] * batch))
+  score = jax.jit(ours.score_pixels)
+  t_ours = median_time(lambda: score(ours.params, px, ids).block_until_ready(), reps)
+  pt, it = torch.from_numpy(px.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ids.astype(np.int64))
+
+  def torch_score():
+    tokens = ref.visual_encoder.forward_features(pt)
+    out = ref.text_encoder(input_ids=it, attention_mask=(it != 0).long(), encoder_hidden_states=tokens,
+                           encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long))
+    return ref.mlp(out.last_hidden_state[:, 0])
+  with torch.no_grad():
+    t_ref = median_time(torch_score, reps)
+  return {"tv_crop preprocessing (PIL)": t_pre, "ours": t_ours, "timm + transformers": t_ref}
+
+
 def sampling(batch, reps):
   from configs.sdxl import get_config
   from didr_jax.pipelines import sampling as sp
@@ -122,6 +154,7 @@ def main():
     rows["FID Inception (299x299)"] = inception(args.batch, args.reps, tmp)
     for name, (vision, projection) in TOWERS.items():
       rows[name] = clip_tower(args.batch, args.reps, tmp, vision, projection)
+    rows["ImageReward (BLIP ViT-L/16 + BERT-base, 224x224)"] = imagereward(args.batch, args.reps, tmp)
   rows["sampling"] = sampling(args.batch, args.reps)
   ratios = record.done()
   print(f"\nbatch {args.batch}, median of {args.reps}; images/s (seconds per batch)")
