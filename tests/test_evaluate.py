@@ -285,3 +285,25 @@ def test_aesthetic_equals_openai_clip_transform_and_head(folder):
     e = clip.get_image_features(pixel_values=px).pooler_output
     expected = head(e / e.norm(dim=-1, keepdim=True))[:, 0].numpy()
   assert cf.rel_err(got, expected) <= 1e-4, (got, expected)
+
+
+def test_parti_groups_by_category_and_challenge(folder, tmp_path):
+  """The parti protocol's per-Category and per-Challenge tables equal the per-image scores grouped
+  by the TSV's columns; a TSV that is not the sampled one is refused."""
+  tsv = tmp_path / "parti.tsv"
+  tsv.write_text("Prompt\tCategory\tChallenge\tNote\n" + "".join(
+      f"{p}\t{c}\t{h}\t\n" for p, c, h in zip(PROMPTS, ["Animals", "People", "Animals"],
+                                              ["Simple", "Simple", "Imagination"])))
+  specs = [metrics.MetricSpec("pickscore", str(folder["root"] / "pick"), {"tokenizer": folder["tok"]})]
+  result = runner.evaluate(folder["images"], specs, "parti", str(tmp_path / "out"), batch=4, prompts_file=str(tsv))
+  scores = np.asarray([float(r["pickscore"]) for r in folder["table"]])
+  index = np.asarray([r["prompt_index"] for r in folder["rows"]])
+  animals = scores[(index == 0) | (index == 2)]
+  assert result["per_category"]["Animals"]["pickscore"]["mean"] == pytest.approx(animals.mean(), rel=1e-6)
+  assert result["per_category"]["Animals"]["pickscore"]["count"] == 4
+  assert result["per_challenge"]["Imagination"]["pickscore"]["mean"] == pytest.approx(scores[index == 2].mean(), rel=1e-6)
+  assert "| Animals |" in (tmp_path / "out" / "results.md").read_text()
+  wrong = tmp_path / "wrong.tsv"
+  wrong.write_text("Prompt\tCategory\tChallenge\nsomething else\tA\tB\n" * 1)
+  with pytest.raises(ConfigError, match="prompt 0 is not 'a photo of a red cat'"):
+    runner.check_inputs(folder["images"], "parti", specs, str(wrong))
