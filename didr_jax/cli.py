@@ -8,6 +8,23 @@ import sys
 from absl import app, flags
 
 
+class ProcessFlags:
+  """``--multihost`` (auto-detection: TPU pods, SLURM) or ``--coordinator_address``,
+  ``--num_processes``, ``--process_id``: defined by each tool that runs on several processes."""
+
+  def __init__(self):
+    self.multihost = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with "
+                                       "auto-detection (TPU pods, SLURM).")
+    self.coordinator = flags.DEFINE_string("coordinator_address", None,
+                                           "host:port of process 0 (explicit multi-process).")
+    self.num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
+    self.process_id = flags.DEFINE_integer("process_id", None, "This process's rank (explicit multi-process).")
+
+  def initialize(self) -> None:
+    initialize_distributed(self.multihost.value, self.coordinator.value, self.num_processes.value,
+                           self.process_id.value)
+
+
 def initialize_distributed(multihost: bool, coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """Multi-process JAX before any other JAX call; errors are not caught (a silent single-host run

@@ -16,11 +16,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<experiment>-<hash>).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection "
-                                "(TPU pods, SLURM).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank (explicit multi-process).")
+_PROCESSES = cli.ProcessFlags()
 flags.mark_flags_as_required(["config"])
 
 
@@ -34,8 +30,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = _CONFIG.value
-  cli.initialize_distributed(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                             _PROCESS_ID.value)
+  _PROCESSES.initialize()
   from didr_jax.training.loop import Preempted
   if cfg.experiment == "toy":
     from didr_jax.toy import experiment, validate

@@ -36,10 +36,7 @@ _SEEDS = flags.DEFINE_list("seeds", None, "Seeds of every prompt (exclusive with
 _PER_PROMPT = flags.DEFINE_integer("images_per_prompt", None, "Images per prompt: seeds 0..N-1 (default 1).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (a multiple of the device count; default: "
                               "one image per device).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "jax.distributed.initialize() with auto-detection.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank (explicit multi-process).")
+_PROCESSES = cli.ProcessFlags()
 
 
 def _seeds() -> list[int]:
@@ -71,7 +68,7 @@ def main(argv):
   for name, flag in (("--prompts", _PROMPTS), ("--out", _OUT)):
     if not flag.value:
       raise SampleError(f"{name}: required")
-  cli.initialize_distributed(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _PROCESSES.initialize()
   import jax
   from didr_jax.data import PromptDataError, load_prompts
   from didr_jax.errors import ConfigError
