@@ -92,9 +92,8 @@ class RewardMetric:
 
   def __init__(self, spec: MetricSpec):
     from didr_jax import rewards
-    kw = {("clip_config" if k == "clip_config" else k): v for k, v in spec.options.items()}
     self.name = spec.name
-    self.reward = rewards.load(spec.name, spec.path, **kw)
+    self.reward = rewards.load(spec.name, spec.path, **spec.options)
     self.mode, self.scale = REWARD_METRICS[spec.name]
     self._score = jax.jit(self.reward.score_pixels)
 
