@@ -49,16 +49,20 @@ def generator_unet_config(cfg) -> UNetConfig:
   return UNetConfig.from_dict(read_config(folder))
 
 
+def abstract_generator(cfg, mesh):
+  """(graph, abstract params) of a run's generator UNet placed on ``mesh`` with the run's rules
+  (XLA attention, no remat: what restoring it for export or sampling needs)."""
+  return abstract_for("UNet2DConditionModel", generator_unet_config(cfg), dtype=DTYPES[cfg.model.dtype],
+                      param_dtype=DTYPES[cfg.model.param_dtype], attention="xla", remat="none", mesh=mesh,
+                      rules=sharding.get_rules(cfg.mesh.rules))
+
+
 def export_checkpoint(workdir: str, *, step: int | None = None, output: str | None = None,
                       dtype=np.float32) -> list[str]:
   """Write ``unet`` (and ``unet_ema`` when the run keeps one and ``eval.export_ema``) of checkpoint
   ``step`` (default: the latest) under ``output`` (default: ``<workdir>/export_step<N>``)."""
   cfg = run_config(workdir)
-  mesh = sharding.make_mesh((1, -1, 1))
-  graph, abstract = abstract_for("UNet2DConditionModel", generator_unet_config(cfg),
-                                 dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
-                                 attention="xla", remat="none", mesh=mesh,
-                                 rules=sharding.get_rules(cfg.mesh.rules))
+  graph, abstract = abstract_generator(cfg, sharding.make_mesh((1, -1, 1)))
   like = {"gen_params": abstract}
   if cfg.align.ema_decay > 0 and cfg.eval.export_ema:
     like["gen_ema"] = abstract

@@ -200,13 +200,10 @@ class Sampler:
         return parts["unet_graph"], parts["ref"]
       from didr_jax.models.diffusers_loading import from_diffusers
       return nnx.split(from_diffusers(os.path.join(m.reference, "unet"), **kw))
-    from didr_jax.pipelines.export_checkpoint import generator_unet_config
+    from didr_jax.pipelines.export_checkpoint import abstract_generator, generator_unet_config
     if src.workdir is not None:
-      from didr_jax.models.diffusers_loading import abstract_for
       from didr_jax.training.checkpoint import restore_fields
-      graph, like = abstract_for("UNet2DConditionModel", generator_unet_config(cfg),
-                                 **{k: kw[k] for k in ("dtype", "param_dtype", "attention", "remat",
-                                                       "mesh", "rules")})
+      graph, like = abstract_generator(cfg, self.mesh)
       field = "gen_ema" if src.ema else "gen_params"
       _, trees = restore_fields(os.path.join(src.workdir, "checkpoints"), {field: like}, src.step)
       return graph, trees[field]
