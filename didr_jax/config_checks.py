@@ -11,13 +11,14 @@ def fail(field: str, reason: str):
   raise ConfigError(f"config.{field}: {reason}")
 
 
-def check_mesh(cfg, batch_fields) -> tuple[int, ...]:
-  """``mesh.rules`` known, ``mesh.shape`` fits the devices, and every ``batch_fields`` entry
-  ("group.key") divisible by the batch devices (data x fsdp); returns the resolved shape."""
+def check_mesh(cfg, batch_fields, num_devices: int | None = None) -> tuple[int, ...]:
+  """``mesh.rules`` known, ``mesh.shape`` fits the devices (``num_devices``, default this run's),
+  and every ``batch_fields`` entry ("group.key") divisible by the batch devices (data x fsdp);
+  returns the resolved shape."""
   if cfg.mesh.rules not in RULES:
     fail("mesh.rules", f"unknown {cfg.mesh.rules!r}; choose from {sorted(RULES)}")
   try:
-    shape = resolve_mesh_shape(tuple(cfg.mesh.shape), jax.device_count())
+    shape = resolve_mesh_shape(tuple(cfg.mesh.shape), num_devices or jax.device_count())
   except ValueError as e:
     fail("mesh.shape", str(e))
   batch_devices = shape[0] * shape[1]

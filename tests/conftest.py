@@ -1,7 +1,11 @@
-"""Test session setup: 8 simulated CPU devices, set before JAX starts any backend."""
+"""Test session setup: CPU only, 8 simulated devices, set before JAX starts any backend."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU only, for this process and every subprocess a test starts (they copy os.environ): with libtpu
+# installed (tests/test_plan.py compiles for TPU topologies) JAX would otherwise probe for a TPU,
+# and each probing process takes libtpu's machine-wide lock.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -40,6 +40,8 @@ COMMANDS = {
         "tests/test_digits_cli.py::test_rerun_resumes_the_interrupted_runs",
     "python -m didr_jax.sample --workdir=runs/tiny --prompts=prompts.txt --images_per_prompt=2 "
     "--out=runs/tiny-samples": "tests/test_sample_cli.py::test_same_files_on_one_and_eight_devices",
+    "python -m didr_jax.plan --config=configs/sdxl.py:tiny --topology=v5e:2x2 --out=runs/plan-tiny":
+        "tests/test_plan.py::test_plan_json_has_every_field",
 }
 # A shell block whose neighbouring paragraph carries one of these labels may show any command.
 LABELS = ("(needs real weights)", "(needs an accelerator)", "(needs real weights and an accelerator)",

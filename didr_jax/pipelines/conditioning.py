@@ -43,10 +43,12 @@ class PromptEncoder:
   Every call pads to whole blocks, so the text towers compile once and a batch's embeddings are a
   function of the batch alone, never of what was encoded before (a resumed run sees exactly the
   conds of an uninterrupted one). ``towers``: [(tokenizer, graphdef, params)] (SDXL: CLIP-L then
-  bigG; SD1.5: one tower); ``reward_tokenizer``: the reward's tokenizer (None: no prompts).
+  bigG; SD1.5: one tower); ``reward_tokenizer``: the reward's tokenizer (None: no prompts);
+  ``empty``: SD1.5's unconditional context [77, D] when known (else the towers encode "").
   """
 
-  def __init__(self, backbone: str, towers, reward_tokenizer, *, resolution: int, dtype, block: int):
+  def __init__(self, backbone: str, towers, reward_tokenizer, *, resolution: int, dtype, block: int,
+               empty=None):
     if block < 1:
       raise ValueError(f"block={block}: expected >= 1 prompts per text-encoder call")
     self.backbone, self.towers, self.reward_tokenizer = backbone, towers, reward_tokenizer
@@ -62,7 +64,7 @@ class PromptEncoder:
       return {"context": outs[0][0].astype(dtype)}
 
     self._embed = jax.jit(embed)
-    self.empty = None if sdxl else self.encode([""])["context"][0]
+    self.empty = None if sdxl else (empty if empty is not None else self.encode([""])["context"][0])
 
   def _embed_blocks(self, prompts: list[str]) -> dict:
     padded = prompts + [""] * (-len(prompts) % self.block)

@@ -115,7 +115,9 @@ def decode(vae_graph, vae_params, x0):
 class T2I:
   """Models, Task and shardings of one text-to-image alignment run."""
 
-  def __init__(self, cfg, devices=None):
+  def __init__(self, cfg, devices=None, parts: dict | None = None):
+    """``parts``: prebuilt models (``didr_jax.pipelines.plan`` passes abstract ones), else the
+    ``:tiny`` random models or the run's checkpoints."""
     self.cfg = cfg
     devices = list(jax.devices() if devices is None else devices)
     self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
@@ -123,7 +125,9 @@ class T2I:
     local = [d for d in devices if d.process_index == jax.process_index()]
     self.text_mesh = sharding.make_mesh((1, 1, 1), devices=local[:1])
     m = cfg.model
-    if cfg.variant == "tiny":
+    if parts is not None:
+      parts = dict(parts)
+    elif cfg.variant == "tiny":
       from didr_jax.pipelines import tiny
       parts = tiny.build(cfg.backbone, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
                          dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
@@ -139,7 +143,8 @@ class T2I:
     self.vae_config, self.reward = parts["vae_config"], parts["reward"]
     self.encoder = PromptEncoder(cfg.backbone, parts["towers"], self.reward.tokenizer,
                                  resolution=cfg.data.resolution, dtype=DTYPES[m.dtype],
-                                 block=cfg.align.batch // jax.process_count())
+                                 block=cfg.align.batch // jax.process_count(),
+                                 empty=parts.get("empty"))
     self._table = None  # (prompt-set fingerprint, host rows of every prompt) when precomputed
     self.latent = cfg.data.resolution // vae_factor(self.vae_config)
     self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")

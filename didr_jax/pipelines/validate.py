@@ -101,8 +101,8 @@ def _check_prompts(cfg):
     _fail("data.prompts", str(e))
 
 
-def _check_batch(cfg):
-  shape = check_mesh(cfg, ("align.batch",))
+def _check_batch(cfg, num_devices=None):
+  shape = check_mesh(cfg, ("align.batch",), num_devices)
   ways = shape[0] * shape[1]
   b = cfg.align.batch
   if b < 1:
@@ -139,7 +139,10 @@ def _check_enums(cfg):
     _fail("reward.name", f"{cfg.reward.name!r} unknown; choose one of {REWARD_NAMES}")
 
 
-def validate(cfg) -> None:
+def validate(cfg, num_devices: int | None = None, check_inputs: bool = True) -> None:
+  """Every field of a t2i config; ``num_devices``: the mesh's devices (default this run's);
+  ``check_inputs``: also the model folders and the prompt file (off for the compile plan, which
+  reads neither)."""
   if cfg.method not in METHODS:
     _fail("method", f"{cfg.method!r} unknown; choose one of {METHODS}")
   o = cfg.objective
@@ -175,7 +178,9 @@ def validate(cfg) -> None:
   if cfg.align.steps % cfg.train.steps_per_chunk:
     _fail("align.steps", f"{cfg.align.steps} is not a multiple of train.steps_per_chunk "
                          f"{cfg.train.steps_per_chunk}")
-  _check_batch(cfg)
+  _check_batch(cfg, num_devices)
+  if not check_inputs:
+    return
   if cfg.variant != "tiny":
     _check_paths(cfg)
   _check_prompts(cfg)

@@ -197,15 +197,23 @@ def scan_chunk(step_fn: Callable, num_steps: int):
   return chunk
 
 
-def compile_chunk(chunk_fn, state, frozen, conds, mesh, name: str):
-  """AOT-compile ``chunk_fn`` with explicit in/out shardings and the state donated."""
+def lower_chunk(chunk_fn, state, frozen, conds, mesh):
+  """``chunk_fn`` lowered with explicit in/out shardings and the state donated; the inputs may be
+  arrays or ShapeDtypeStructs with shardings (``didr_jax.pipelines.plan`` lowers for a TPU
+  topology that is not attached)."""
   state_sh = shardings_of(state)
   abs_in = (abstract_of(state), abstract_of(frozen), abstract_of(conds))
   in_sh = (state_sh, shardings_of(frozen), shardings_of(conds))
-  t0 = time.time()
   with jax.set_mesh(mesh):
-    lowered = jax.jit(chunk_fn, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
-                      donate_argnums=(0,)).lower(*abs_in)
+    return jax.jit(chunk_fn, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
+                   donate_argnums=(0,)).lower(*abs_in)
+
+
+def compile_chunk(chunk_fn, state, frozen, conds, mesh, name: str):
+  """AOT-compile ``chunk_fn`` (see :func:`lower_chunk`)."""
+  t0 = time.time()
+  lowered = lower_chunk(chunk_fn, state, frozen, conds, mesh)
+  with jax.set_mesh(mesh):
     compiled = lowered.compile()
   log.info("compiled %s in %.1fs", name, time.time() - t0)
   return compiled
