@@ -10,9 +10,8 @@ mesh, rules and in/out shardings, and XLA's TPU compiler reports per-device memo
   executes (``train.steps_per_chunk`` outer steps of k_ta TA updates + one generator update).
 * FLOPs and bytes accessed per outer step = generator + k_ta x ta (XLA's cost analysis counts a
   loop body once, so the scanned ``outer`` program's own figures are per loop iteration).
-* Each program is compiled with the chip's HBM as XLA's limit; one that XLA cannot fit is
-  compiled again with libtpu's ``xla_tpu_no_crash_on_oom``, so the plan still reports its memory
-  and cost (``oom`` holds XLA's message with its own figure, ``fits`` is false).
+* Each program is compiled with the chip's HBM as XLA's limit; for one that XLA cannot fit,
+  ``oom`` holds XLA's message, ``fits`` is false and the figures are estimated (``source``).
 * Estimated step time: the roofline max(FLOPs / peak, bytes / HBM bandwidth) from the chip's
   published figures (``CHIPS``); the MFU ceiling is FLOPs / peak over that time. Collectives and
   overlap are not modelled: the estimate is a lower bound on the step time.
@@ -26,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -158,36 +158,39 @@ def abstract_conds(pipe, rows: dict, lead: tuple[int, ...]) -> dict:
           for k, (shape, dtype) in rows.items()}
 
 
-def _compile(lowered, chip: Chip):
-  """(compiled, None) under the chip's HBM, or -- when XLA cannot fit the program there --
-  (compiled with libtpu's no-crash-on-OOM option, XLA's out-of-memory message): what the step
-  would need."""
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _measure(lowered, chip: Chip, compile_s_from: float, state, args) -> dict:
+  """Per-device memory and cost of the program compiled under the chip's HBM. A program XLA
+  cannot fit there has no compiled program to ask (libtpu's no-crash-on-OOM option crashes on
+  full-size steps): its temporaries are the figure of XLA's message, its arguments and outputs the
+  unpadded bytes of the input / donated-state shards, its cost unknown (None)."""
   limit = {"xla_tpu_max_hbm_size_mib": str(chip.hbm_bytes // 2 ** 20)}
   try:
-    return lowered.compile(compiler_options=limit), None
+    compiled, oom = lowered.compile(compiler_options=limit), None
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    # libtpu's "do not fail on OOM": the same program, its memory figures past the limit
-    report = dict(limit, xla_tpu_no_crash_on_oom="true")
-    return lowered.compile(compiler_options=report), str(e).strip().splitlines()[0]
-
-
-def _measure(lowered, chip: Chip, compile_s_from: float) -> dict:
-  compiled, oom = _compile(lowered, chip)
-  compile_s = time.time() - compile_s_from
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-         "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-         "code_bytes": int(mem.generated_code_size_in_bytes),
-         "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-         "compile_s": round(compile_s, 1), "oom": oom}
-  if oom is not None:   # the no-crash compile leaves temporaries unallocated: XLA's own figure
+    compiled, oom = None, str(e).strip().splitlines()[0]
+  out = {"compile_s": round(time.time() - compile_s_from, 1), "oom": oom}
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out.update(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+               alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+               code_bytes=int(mem.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)),
+               bytes_accessed=float(cost.get("bytes accessed", 0.0)), source="compiled")
+  else:
     need = OOM_TEMPORARIES.search(oom)
-    if need:
-      out["temp_bytes"] = int(float(need.group(1)) * 1024 ** "KMGT".index(need.group(2)) * 1024)
+    state_bytes = _per_device_bytes(state)
+    out.update(argument_bytes=_per_device_bytes(args), output_bytes=state_bytes, alias_bytes=state_bytes,
+               temp_bytes=int(float(need.group(1)) * 1024 ** "KMGT".index(need.group(2)) * 1024) if need else 0,
+               code_bytes=0, flops=None, bytes_accessed=None, source="xla_oom_message+shards")
   # donated inputs alias outputs: counted once
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
@@ -195,6 +198,9 @@ def _measure(lowered, chip: Chip, compile_s_from: float) -> dict:
 
 def _roofline(entry: dict, chip: Chip, hbm_margin: float):
   entry["fits"] = entry["oom"] is None and entry["total_bytes"] <= (1.0 - hbm_margin) * chip.hbm_bytes
+  if entry["flops"] is None:
+    entry["est_step_s"] = entry["mfu_ceiling"] = None
+    return
   t_flops = entry["flops"] / chip.peak_bf16_flops
   t_bytes = entry["bytes_accessed"] / chip.hbm_bytes_per_s
   entry["est_step_s"] = max(t_flops, t_bytes)
@@ -238,15 +244,16 @@ def plan(cfg, topology: str, *, hbm_margin: float = 0.1, steps=("ta", "generator
     lowered = lower_chunk(fn, state, frozen, conds, pipe.mesh)
     lower_s = time.time() - t0
     with jax.set_mesh(pipe.mesh):
-      entry = _measure(lowered, chip, t0)
+      entry = _measure(lowered, chip, t0, state, (state, frozen, conds))
     entry["lower_s"] = round(lower_s, 1)
     result["steps"][name] = entry
     log(f"compiled {name} for {topology} in {entry['compile_s']:.0f}s")
   s = result["steps"]
-  if "ta" in s and "generator" in s:   # per outer step, from the single-update programs
+  known = lambda *names: all(n in s and s[n]["flops"] is not None for n in names)
+  if known("ta", "generator"):   # per outer step, from the single-update programs
     s["per_outer_step"] = {"flops": s["generator"]["flops"] + k * s["ta"]["flops"],
                            "bytes_accessed": s["generator"]["bytes_accessed"] + k * s["ta"]["bytes_accessed"]}
-    if "outer" in s:
+    if known("outer"):
       s["outer"].update(flops_per_iteration=s["outer"]["flops"],
                         bytes_accessed_per_iteration=s["outer"]["bytes_accessed"], **s["per_outer_step"])
   for name, entry in s.items():
@@ -264,7 +271,11 @@ def table(result: dict) -> str:
   for name, e in result["steps"].items():
     if name == "per_outer_step":
       continue
+    known = e["flops"] is not None
     lines.append(f"{name:<10}{e['argument_bytes'] / GiB:>9.2f}{e['temp_bytes'] / GiB:>9.2f}"
-                 f"{e['total_bytes'] / GiB:>10.2f}{'yes' if e['fits'] else 'NO':>6}{e['flops'] / 1e12:>9.2f}"
-                 f"{e['est_step_s']:>8.3f}{e['mfu_ceiling']:>9.2f}{e['compile_s']:>10.0f}")
+                 f"{e['total_bytes'] / GiB:>10.2f}{'yes' if e['fits'] else 'NO':>6}"
+                 + (f"{e['flops'] / 1e12:>9.2f}{e['est_step_s']:>8.3f}{e['mfu_ceiling']:>9.2f}" if known
+                    else f"{'-':>9}{'-':>8}{'-':>9}") + f"{e['compile_s']:>10.0f}")
+    if e["oom"]:
+      lines.append(f"  {name}: {e['oom']}")
   return "\n".join(lines)
