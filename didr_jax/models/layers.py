@@ -6,6 +6,7 @@ dtype (e.g. bfloat16).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,3 +63,21 @@ def embedding(num: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
               param_dtype=jnp.float32) -> nnx.Embed:
   return nnx.Embed(num, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                    embedding_init=nnx.with_partitioning(_init.normal(0.02), ("vocab", "embed")))
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x^2) + eps) * scale, statistics in float32, no mean and no bias (T5, Qwen3,
+  diffusers' RMSNorm). transformers' T5/Qwen3 cast the normalised x back to ``dtype`` before the
+  scale; diffusers multiplies in float32 first (``scale_in_float32``): parity depends on it."""
+
+  def __init__(self, features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               scale_in_float32: bool = False):
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+    self.eps, self.dtype, self.scale_in_float32 = eps, dtype, scale_in_float32
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale_in_float32:
+      return (y * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)
+    return self.scale.get_value().astype(self.dtype) * y.astype(self.dtype)

@@ -25,7 +25,7 @@ from flax import nnx
 
 from didr_jax.models.attention import dot_product_attention
 from didr_jax.models.clip import RuntimeOptions
-from didr_jax.models.layers import dense, embedding
+from didr_jax.models.layers import RMSNorm, dense, embedding
 from didr_jax.models.remat import maybe_remat
 
 # transformers' Qwen3Config defaults, for fields a config.json omits (tests/test_qwen3.py pins them
@@ -140,19 +140,6 @@ def _check_no_sliding_window(d: dict, where: str):
            f"{d['max_window_layers']}); sliding-window attention is not supported", where)
 
 
-class RMSNorm(nnx.Module):
-  """transformers' Qwen3RMSNorm: statistics in float32, weight applied after casting back."""
-
-  def __init__(self, dim: int, eps: float, *, opts: RuntimeOptions):
-    self.scale = nnx.Param(jnp.ones((dim,), opts.param_dtype), out_sharding=("norm",))
-    self.eps, self.dtype = eps, opts.dtype
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.get_value().astype(self.dtype) * y.astype(self.dtype)
-
-
 def rope_tables(cfg: Qwen3Config, length: int, dtype):
   """(cos, sin) [L, head_dim] for positions 0..L-1, built in float32 as transformers does."""
   d = cfg.head_dim
@@ -177,8 +164,8 @@ class Attention(nnx.Module):
     self.k_proj = dense(w, kv * d, axes=("embed", "heads"), use_bias=b, rngs=rngs, **opts.kw)
     self.v_proj = dense(w, kv * d, axes=("embed", "heads"), use_bias=b, rngs=rngs, **opts.kw)
     self.o_proj = dense(h * d, w, axes=("heads", "embed"), use_bias=b, rngs=rngs, **opts.kw)
-    self.q_norm = RMSNorm(d, cfg.rms_norm_eps, opts=opts)   # over head_dim, per head
-    self.k_norm = RMSNorm(d, cfg.rms_norm_eps, opts=opts)
+    self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **opts.kw)   # over head_dim, per head
+    self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **opts.kw)
     self.heads, self.kv_heads, self.head_dim, self.attention = h, kv, d, opts.attention
 
   def __call__(self, x, cos, sin, keep):
@@ -210,9 +197,9 @@ class DecoderLayer(nnx.Module):
   """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x))."""
 
   def __init__(self, cfg: Qwen3Config, *, opts: RuntimeOptions, rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts=opts)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **opts.kw)
     self.self_attn = Attention(cfg, opts=opts, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts=opts)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **opts.kw)
     self.mlp = MLP(cfg, opts=opts, rngs=rngs)
 
   def __call__(self, x, cos, sin, keep):
@@ -240,7 +227,7 @@ class Qwen3TextEncoder(nnx.Module):
     self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **opts.kw)
     self.layers = nnx.List([DecoderLayer(cfg, opts=opts, rngs=rngs)
                             for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts=opts)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **opts.kw)
 
   def __call__(self, input_ids, attention_mask) -> tuple:
     ids, mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)

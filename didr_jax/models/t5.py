@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from didr_jax.models.attention import check_attention_impl
-from didr_jax.models.layers import dense, embedding
+from didr_jax.models.layers import RMSNorm, dense, embedding
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
 
 FEED_FORWARD_PROJS = ("gated-gelu",)
@@ -113,19 +113,6 @@ def _param(rngs, init, shape, axes, param_dtype):
   return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
 
 
-class RMSNorm(nnx.Module):
-  """T5LayerNorm: x / sqrt(mean(x^2) + eps) * scale, statistics in float32, no mean, no bias."""
-
-  def __init__(self, features: int, eps: float, *, rngs, dtype, param_dtype):
-    self.scale = _param(rngs, nnx.initializers.ones_init(), (features,), ("norm",), param_dtype)
-    self.eps, self.dtype = eps, dtype
-
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return self.scale.get_value().astype(self.dtype) * y.astype(self.dtype)
-
-
 class SelfAttention(nnx.Module):
   """Unscaled multi-head self-attention with T5's additive position bias and a key padding mask."""
 
@@ -171,9 +158,9 @@ class T5Block(nnx.Module):
 
   def __init__(self, cfg: T5EncoderConfig, *, attention, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, **kw)
+    self.attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
     self.attention = SelfAttention(cfg, attention=attention, **kw)
-    self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, **kw)
+    self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
     self.ff = GatedFeedForward(cfg, **kw)
 
   def __call__(self, x, bias, mask):
@@ -210,7 +197,7 @@ class T5EncoderModel(nnx.Module):
         rngs, nnx.initializers.normal(cfg.d_model ** -0.5),
         (cfg.relative_attention_num_buckets, cfg.num_heads), (None, "heads"), param_dtype)
     self.block = nnx.List([T5Block(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)])
-    self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, **kw)
+    self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
 
   def position_bias(self, length: int):
     """[1, H, L, L] float32 bias shared by every layer (transformers' ``compute_bias``)."""

@@ -29,6 +29,8 @@ TRANSFORMS: dict[str, Transform] = {
     "conv": Transform(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
     # torch 1x1 Conv2d (O, I, 1, 1) <-> flax Linear (I, O)
     "conv1x1_linear": Transform(lambda x: x[:, :, 0, 0].T, lambda x: x.T[:, :, None, None]),
+    # stacked layers: torch Linear per layer stacked [n, out, in] <-> flax [n, in, out]
+    "stacked_linear": Transform(lambda x: x.transpose(0, 2, 1), lambda x: x.transpose(0, 2, 1)),
 }
 
 
