@@ -40,7 +40,7 @@ def test_plan_json_has_every_field(four_chips):
   for name in ("ta", "generator", "outer"):
     e = result["steps"][name]
     assert STEP_FIELDS <= set(e), (name, STEP_FIELDS - set(e))
-    assert e["fits"] is True and e["flops"] > 0 and e["bytes_accessed"] > 0 and e["temp_bytes"] > 0
+    assert e["fits"] is True and e["flops"] > 0 and e["bytes_accessed"] > 0 and e["temp_bytes"] >= 0
     assert 0 < e["mfu_ceiling"] <= 1
     assert e["total_bytes"] == e["argument_bytes"] + e["output_bytes"] - e["alias_bytes"] + e["temp_bytes"]
     assert e["est_step_s"] == pytest.approx(max(e["flops"] / 197e12, e["bytes_accessed"] / 819e9))

@@ -89,7 +89,7 @@ def _shape_model(make, mesh, rules):
 
 
 def _reward(cfg, mesh):
-  """The run's reward as shapes: the loader's model, dtypes and (replicated) placement."""
+  """The run's reward as shapes: the loader's model, dtypes and placement (the run's rules)."""
   from didr_jax.models.clip import CLIPModel
   from didr_jax.models.clip_loading import hf_clip_config, openclip_config
   from didr_jax.models.diffusers_loading import ShapeOnlyRngs
@@ -105,7 +105,7 @@ def _reward(cfg, mesh):
     raise PlanError(f"config.reward.name: {name!r} has no shape-only model in the plan; choose one of "
                     f"{sorted(configs)}")
   ccfg = configs[name]()
-  rules = sharding.get_rules("replicated")
+  rules = sharding.get_rules(cfg.mesh.rules)
   graph, state = _shape_model(lambda: CLIPModel(ccfg, rngs=ShapeOnlyRngs()), mesh, rules)
   with sharding.model_context(mesh, rules):
     clip = nnx.merge(graph, state)

@@ -46,12 +46,14 @@ def load_vae_and_towers(cfg, mesh, rules, text_mesh) -> dict:
 
 
 def load_reward(cfg, mesh):
+  """The reward placed with the run's rules (FSDP shards it like the UNets: replicated, a
+  ViT-H/14 reward in float32 is 3.7 GiB on every chip, docs/plan.md)."""
   from didr_jax import rewards
   r = cfg.reward
   rkw = {k: getattr(r, k) for k in ("clip", "tokenizer") if getattr(r, k)}
   if r.clip_config:
     rkw["config" if r.name != "aesthetic" else "clip_config"] = r.clip_config
-  return rewards.load(r.name, r.path, mesh=mesh, rules=sharding.get_rules("replicated"), **rkw)
+  return rewards.load(r.name, r.path, mesh=mesh, rules=sharding.get_rules(cfg.mesh.rules), **rkw)
 
 
 def _load_real(cfg, mesh, rules, text_mesh):

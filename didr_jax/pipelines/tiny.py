@@ -114,8 +114,8 @@ def build(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, vae_dtyp
   for i, (cls, tcfg) in enumerate(text_configs(backbone)):
     g, p = create_random(lambda: cls(tcfg, rngs=ShapeOnlyRngs()), text_mesh, repl, seed + 2 + i)
     towers.append((tok, g, p))
-  rg, rp = create_random(lambda: CLIPModel(reward_config(), rngs=ShapeOnlyRngs()), mesh, repl, seed + 9)
-  with sharding.model_context(mesh, repl):
+  rg, rp = create_random(lambda: CLIPModel(reward_config(), rngs=ShapeOnlyRngs()), mesh, rules, seed + 9)
+  with sharding.model_context(mesh, rules):
     clip = nnx.merge(rg, rp)
   reward = CLIPReward("tiny_pickscore", clip, score="logit", mode="crop", tokenizer=tok)
   return dict(unet_graph=unet_graph, ref=ref, vae_graph=vae_graph, vae=vae, vae_config=vcfg,
