@@ -95,7 +95,7 @@ def _reward(cfg, mesh):
   from didr_jax.models.diffusers_loading import ShapeOnlyRngs
   from didr_jax.pipelines import tiny
   from didr_jax.pipelines.conditioning import HashTokenizer
-  from didr_jax.rewards.clip_rewards import AestheticHead, CLIPReward
+  from didr_jax.rewards.clip_rewards import AestheticHead, clip_reward
   name = cfg.reward.name
   configs = {"tiny_pickscore": tiny.reward_config, "pickscore": lambda: hf_clip_config(model_configs.load("pickscore_clip")),
              "hpsv2": lambda: openclip_config("ViT-H-14"), "hpsv2.1": lambda: openclip_config("ViT-H-14"),
@@ -115,10 +115,7 @@ def _reward(cfg, mesh):
       head = nnx.merge(hg, hs)
   # token ids are inputs of the step (shapes only): the tokenizer is never called
   tok = HashTokenizer(ccfg.text.vocab_size, ccfg.text.max_positions)
-  kind = {"aesthetic": "aesthetic", "hpsv2": "cosine", "hpsv2.1": "cosine", "clipscore": "clipscore"}
-  return CLIPReward(name, clip, score=kind.get(name, "logit"), head=head,
-                    mode="pad" if name.startswith("hps") else "crop",
-                    tokenizer=None if name == "aesthetic" else tok)
+  return clip_reward(name, clip, head=head, tokenizer=None if name == "aesthetic" else tok)
 
 
 def abstract_parts(cfg, mesh, rules) -> dict:

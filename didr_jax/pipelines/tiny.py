@@ -19,7 +19,7 @@ from didr_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPText
 from didr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from didr_jax.models.vae import AutoencoderKL, VAEConfig
 from didr_jax.pipelines.conditioning import HashTokenizer
-from didr_jax.rewards.clip_rewards import CLIPReward
+from didr_jax.rewards.clip_rewards import clip_reward
 
 VOCAB, TOKENS = 1000, 16
 
@@ -117,6 +117,6 @@ def build(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, vae_dtyp
   rg, rp = create_random(lambda: CLIPModel(reward_config(), rngs=ShapeOnlyRngs()), mesh, rules, seed + 9)
   with sharding.model_context(mesh, rules):
     clip = nnx.merge(rg, rp)
-  reward = CLIPReward("tiny_pickscore", clip, score="logit", mode="crop", tokenizer=tok)
+  reward = clip_reward("tiny_pickscore", clip, tokenizer=tok)
   return dict(unet_graph=unet_graph, ref=ref, vae_graph=vae_graph, vae=vae, vae_config=vcfg,
               towers=towers, reward=reward)

@@ -158,6 +158,19 @@ class CLIPReward(Reward):
     return 100.0 * jnp.maximum(cos, 0.0)
 
 
+# Each CLIP reward's score and the resize of its reference implementation ("crop" or "pad"): the
+# loaders below, the tiny pipeline and the compile plan's shape-only rewards read them here.
+SCORE_AND_MODE = {"aesthetic": ("aesthetic", "crop"), "pickscore": ("logit", "crop"),
+                  "hpsv2": ("cosine", "pad"), "hpsv2.1": ("cosine", "pad"),
+                  "clipscore": ("clipscore", "crop"), "tiny_pickscore": ("logit", "crop")}
+
+
+def clip_reward(name: str, clip: CLIPModel, **kw) -> CLIPReward:
+  """``CLIPReward`` with the score and resize of reward ``name``."""
+  score, mode = SCORE_AND_MODE[name]
+  return CLIPReward(name, clip, score=score, mode=mode, **kw)
+
+
 def _tokenizer(name, path, tokenizer):
   folder = tokenizer if tokenizer is not None else (path if os.path.isdir(path) else None)
   if folder is None:
@@ -169,22 +182,20 @@ def load_aesthetic(path: str, *, clip: str, clip_config="ViT-L-14-quickgelu", **
   """``path``: head safetensors; ``clip``: OpenAI ViT-L/14 (HF folder or OpenAI-naming file)."""
   model = load_clip(clip, config=clip_config, **kw)
   head = load_aesthetic_head(path, model.config.projection_dim, mesh=kw.get("mesh"), rules=kw.get("rules"))
-  return CLIPReward("aesthetic", model, score="aesthetic", mode="crop", head=head)
+  return clip_reward("aesthetic", model, head=head)
 
 
 def load_pickscore(path: str, *, tokenizer: str | None = None, **kw) -> CLIPReward:
   """``path``: HF CLIPModel folder (yuvalkirstain/PickScore_v1)."""
-  return CLIPReward("pickscore", load_clip(path, **kw), score="logit", mode="crop",
-                    tokenizer=_tokenizer("pickscore", path, tokenizer))
+  return clip_reward("pickscore", load_clip(path, **kw), tokenizer=_tokenizer("pickscore", path, tokenizer))
 
 
 def load_hps(path: str, *, tokenizer: str, version: str = "hpsv2", config="ViT-H-14", **kw) -> CLIPReward:
   """``path``: converted HPS_v2[.1]_compressed.pt (OpenCLIP naming, ViT-H-14)."""
-  return CLIPReward(version, load_clip(path, config=config, **kw), score="cosine", mode="pad",
-                    tokenizer=_tokenizer(version, path, tokenizer))
+  return clip_reward(version, load_clip(path, config=config, **kw), tokenizer=_tokenizer(version, path, tokenizer))
 
 
 def load_clipscore(path: str, *, tokenizer: str | None = None, config="ViT-L-14-quickgelu", **kw) -> CLIPReward:
   """``path``: openai/clip-vit-large-patch14 HF folder (torchmetrics' default) or an OpenAI file."""
-  return CLIPReward("clipscore", load_clip(path, config=config, **kw), score="clipscore",
-                    mode="crop", tokenizer=_tokenizer("clipscore", path, tokenizer))
+  return clip_reward("clipscore", load_clip(path, config=config, **kw),
+                     tokenizer=_tokenizer("clipscore", path, tokenizer))
