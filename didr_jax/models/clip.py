@@ -9,12 +9,15 @@ implementation, remat policy) are constructor keywords. Images are NHWC and alre
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
 from didr_jax.models.layers import dense, embedding, layer_norm
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
@@ -24,9 +27,7 @@ POOLINGS = ("argmax", "eos")
 _init = nnx.initializers
 
 
-def _check(cond: bool, field: str, msg: str):
-  if not cond:
-    raise ValueError(f"CLIP config field {field!r}: {msg}")
+_check = functools.partial(check_field, where="CLIP config")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import dot_product_attention
 from didr_jax.models.clip import RuntimeOptions
 from didr_jax.models.layers import RMSNorm, dense, embedding
@@ -42,8 +43,7 @@ _ROPE_KEYS = ("rope_type", "type", "rope_theta")
 
 
 def _check(cond: bool, field: str, msg: str, where: str = "Qwen3 config"):
-  if not cond:
-    raise ValueError(f"{where} field {field!r}: {msg}")
+  check_field(cond, field, msg, where)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ bf16 keeps it in bf16 (its ``_keep_in_fp32_modules = ["wo"]`` applies to float16
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import math
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import check_attention_impl
 from didr_jax.models.layers import RMSNorm, dense, embedding
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
@@ -39,9 +42,7 @@ _INT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads
                "relative_attention_num_buckets", "relative_attention_max_distance")
 
 
-def _check(cond: bool, field: str, msg: str):
-  if not cond:
-    raise ValueError(f"T5 config field {field!r}: {msg}")
+_check = functools.partial(check_field, where="T5 config")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,8 @@ parameter, run with ``lax.scan`` so compile time and memory do not grow with dep
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import math
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
 from didr_jax.models.layers import RMSNorm, dense
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
@@ -40,9 +43,7 @@ _CONFIG_FIELDS = ("all_patch_size", "all_f_patch_size", "in_channels", "dim", "n
                   "axes_lens")
 
 
-def _check(cond: bool, field: str, msg: str):
-  if not cond:
-    raise ValueError(f"ZImage config field {field!r}: {msg}")
+_check = functools.partial(check_field, where="ZImage config")
 
 
 @dataclasses.dataclass(frozen=True)
