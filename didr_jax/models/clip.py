@@ -9,9 +9,8 @@ implementation, remat policy) are constructor keywords. Images are NHWC and alre
 """
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp

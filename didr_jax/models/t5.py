@@ -15,9 +15,8 @@ bf16 keeps it in bf16 (its ``_keep_in_fp32_modules = ["wo"]`` applies to float16
 """
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 import math
 
 import jax

@@ -17,9 +17,8 @@ parameter, run with ``lax.scan`` so compile time and memory do not grow with dep
 """
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 import math
 
 import jax
