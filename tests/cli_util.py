@@ -1,11 +1,19 @@
 """Shared helpers of the CLI and multi-process tests: interrupt a run with a signal once a log
 line appears (the whole run, or chosen processes of a multi-process run); a free local port for a
-coordinator."""
+coordinator; the small toy run's flags."""
 import os
 import signal
 import socket
 import subprocess
 import threading
+
+# configs/toy.py:fast shrunk to a run of seconds (networks of width 16, 400 + 200 + 200 steps)
+TOY_SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
+             "--config.reference.batch=256", "--config.distill.batch=256", "--config.align.batch=256",
+             "--config.eval.num_samples=2000", "--config.eval.drp_bias_samples=400",
+             "--config.checkpoint.every_steps=100", "--config.network.width=16", "--config.generator.width=16",
+             "--config.train.log_every_chunks=1", "--config.distill.pool_size=4096",
+             "--config.reference.optimizer.lr=3e-4", "--config.align.gen_optimizer.lr=1e-4"]
 
 
 def run_until_then_signal(cmd, *, cwd, env, marker: str, timeout: float, signum: int = signal.SIGTERM):

@@ -30,14 +30,37 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
+TIERS = ("suite", "long", "all")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--tier", choices=TIERS, default="suite",
+                   help="suite: every test but the long end-to-end runs (the default, the CI's "
+                        "15-minute budget); long: only those (marker 'long'); all: both")
+
+
+def _select_tier(config, items):
+  """Deselect (reported as such, not skipped) the tests outside ``--tier``."""
+  tier = config.getoption("tier")
+  if tier == "all":
+    return
+  in_tier = [(i.get_closest_marker("long") is not None) == (tier == "long") for i in items]
+  keep = [i for i, ok in zip(items, in_tier) if ok]
+  dropped = [i for i, ok in zip(items, in_tier) if not ok]
+  if dropped:
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
-  """End-to-end (``slow``) files first, the multi-process ones (the longest) first among them:
+  """The ``--tier``'s tests. End-to-end (``slow``) files first, the multi-process ones (the longest) first among them:
   under ``--dist loadfile`` the longest files then start at once on separate workers and the
   quick files fill in behind them, instead of a long file starting last and running alone."""
   def rank(item):
     if item.get_closest_marker("slow") is None:
       return 2
     return 1 if item.get_closest_marker("multiprocess") is None else 0
+  _select_tier(config, items)
   items.sort(key=rank)
 
 

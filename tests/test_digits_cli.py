@@ -15,7 +15,7 @@ from scipy.spatial.distance import cdist, pdist
 
 from tests.cli_util import run_until_then_signal
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="")   # 1 CPU device, as on a laptop

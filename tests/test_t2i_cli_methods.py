@@ -7,7 +7,7 @@ import pytest
 
 from tests import t2i_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 METHOD_KEYS = {"dipp": ("dipp/reward", "dipp/reward_std", "dipp/kl_grad_norm"),
                "distar": ("distar/reward", "distar/reward_std", "distar/pseudo_huber")}

@@ -25,7 +25,7 @@ import pytest
 from tests import t2i_cli
 from tests.cli_util import free_port, run_signalling_processes
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.multiprocess]
 FAKE_SLURM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_slurm")
 SBATCH = os.path.join(t2i_cli.ROOT, "launch", "gpu_slurm.sbatch")
 

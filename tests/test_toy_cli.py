@@ -8,17 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from tests.cli_util import run_until_then_signal
+from tests.cli_util import TOY_SMALL, run_until_then_signal
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.reference.steps=400", "--config.distill.steps=200", "--config.align.steps=200",
-         "--config.reference.batch=256", "--config.distill.batch=256", "--config.align.batch=256",
-         "--config.eval.num_samples=2000", "--config.eval.drp_bias_samples=400",
-         "--config.checkpoint.every_steps=100", "--config.network.width=16", "--config.generator.width=16",
-         "--config.train.log_every_chunks=1", "--config.distill.pool_size=4096",
-         "--config.reference.optimizer.lr=3e-4", "--config.align.gen_optimizer.lr=1e-4"]
 ENV = dict(os.environ, XLA_FLAGS="")   # the CLI runs on 1 CPU device, as a user's laptop does
 
 
@@ -32,7 +26,7 @@ def _compilation_cache(tmp_path_factory):
 
 def _cmd(workdir, *extra):
   return [sys.executable, "-m", "didr_jax.main", "--config=configs/toy.py:fast", f"--workdir={workdir}",
-          *SMALL, *extra]
+          *TOY_SMALL, *extra]
 
 
 @pytest.fixture(scope="module")

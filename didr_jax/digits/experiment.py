@@ -30,7 +30,7 @@ from didr_jax.digits.sweep import default_runs, objective_config, run_specs
 from didr_jax.objectives.posterior_drs import variance_table
 from didr_jax.training.checkpoint import closing_all, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
-from didr_jax.training.loop import StopSignal, wait_for_jobs
+from didr_jax.training.loop import StopSignal, submit_job, wait_for_jobs
 from didr_jax.training.metrics import MetricWriter
 
 
@@ -215,7 +215,7 @@ def align_runs(aligner, specs, warm, ckpts, writer, stop, generate, native, work
     return {spec.name: one(spec) for spec in members}
 
   by_program = lambda spec: (_cost_rank(spec), spec.method, spec.estimator or "")
-  return [pool.submit(group, list(members))
+  return [submit_job(pool, stop, group, list(members))
           for _, members in itertools.groupby(sorted(specs, key=by_program), key=by_program)]
 
 
@@ -269,7 +269,7 @@ def run(cfg, workdir: str) -> dict:
         def check():
           t1 = time.time()
           return cached_drs_check(dg, ref, clf["reward"], frozen, workdir), time.time() - t1
-        jobs.append(pool.submit(check))
+        jobs.append(submit_job(pool, stop, check))
       done = wait_for_jobs(jobs, pool)
     stages["alignment"] = time.time() - t0
     drs = None

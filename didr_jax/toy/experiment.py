@@ -24,7 +24,7 @@ from didr_jax.objectives import ObjectiveConfig, dsm_loss, method_and_drs, mixtu
 from didr_jax.training import state as st
 from didr_jax.training.checkpoint import Checkpointer, closing_all, phase_checkpointers
 from didr_jax.training.drs_table import persisted_variance_table
-from didr_jax.training.loop import StopSignal, run_chunks, wait_for_jobs
+from didr_jax.training.loop import StopSignal, run_chunks, submit_job, wait_for_jobs
 from didr_jax.training.metrics import MetricWriter
 from didr_jax.training.steps import StepConfig, compile_chunk, make_fit_step, make_outer_step, scan_chunk
 from didr_jax.training.task import Task
@@ -231,7 +231,7 @@ def align_methods(toy: Toy, pool, ref_params, gen_params, ckpts, writer, stop, t
   os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
   # longest first (the posterior chains of snis / hybrid), so no thread idles at the end
   order = sorted(cfg.methods, key=lambda m: objective_config(cfg, m).drs not in ("snis", "hybrid"))
-  futures = {m: pool.submit(one, m) for m in order}
+  futures = {m: submit_job(pool, stop, one, m) for m in order}
   return {m: futures[m] for m in cfg.methods}
 
 
@@ -307,8 +307,8 @@ def run(cfg, workdir: str) -> dict:
       queued = align_methods(toy, pool, ref_params, gen_params, ckpts, writer, stop, table, eval_z,
                              workdir)
       # the bias tables need only the reference: last in the queue, beside the last method
-      bias_job = (pool.submit(estimator_bias, toy, ref_params, table, jax.random.PRNGKey(cfg.seed + 200))
-                  if didr else None)
+      bias_job = (submit_job(pool, stop, estimator_bias, toy, ref_params, table,
+                             jax.random.PRNGKey(cfg.seed + 200)) if didr else None)
       jobs = list(queued.values()) + ([bias_job] if bias_job is not None else [])
       results_of = dict(zip(jobs, wait_for_jobs(jobs, pool)))
       aligned = {m: results_of[f] for m, f in queued.items()}

@@ -38,6 +38,7 @@ class StopSignal:
 
   def __init__(self):
     self.signum = None
+    self.decided = None   # the message of the stop every process has decided on, once it has
     self._previous = {}
 
   def __enter__(self):
@@ -60,6 +61,17 @@ class StopSignal:
     return self.signum is not None
 
 
+def submit_job(pool, stop: StopSignal | None, fn: Callable, *args):
+  """``pool.submit(fn, *args)`` for a job that must not start once a stop is decided: the pool
+  starts a queued job the moment a stopped one returns, before the main thread cancels the queue,
+  and that start (a compile, a chunk, its collectives) would happen on some processes only."""
+  def job():
+    if stop is not None and stop.decided is not None:
+      raise Preempted(stop.decided)
+    return fn(*args)
+  return pool.submit(job)
+
+
 def wait_for_jobs(jobs, pool, poll_s: float = 0.2) -> list:
   """The results of ``jobs`` (futures of ``pool``); the first failure (a stop included) is raised
   once the running jobs have finished or stopped at their next chunk (queued ones are cancelled).
@@ -73,8 +85,8 @@ def wait_for_jobs(jobs, pool, poll_s: float = 0.2) -> list:
     while pending:
       done, pending = concurrent.futures.wait(pending, timeout=poll_s,
                                               return_when=concurrent.futures.FIRST_EXCEPTION)
-      for job in done:
-        if job.exception() is not None:
+      for job in jobs:                 # in submission order: the stopped job before those it stopped
+        if job in done and job.exception() is not None:
           raise job.exception()
     return [job.result() for job in jobs]
   except BaseException:
@@ -187,6 +199,9 @@ def run_chunks(*, name: str, state, frozen, chunk: Callable, steps_per_chunk: in
       if checkpointer is not None:
         checkpointer.save(step, state, force=True)
         checkpointer.close()
-      raise Preempted(f"[{name}] stopped by {reason} at step {step}; checkpoint saved")
+      message = f"[{name}] stopped by {reason} at step {step}; checkpoint saved"
+      if stop is not None:
+        stop.decided = message
+      raise Preempted(message)
   settle()
   return state
