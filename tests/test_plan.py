@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+# the TPU compiles of the tiny DIDR programs (ta, generator, outer: ~30 + 50 + 100 s on 2 cores)
+# are the long tier's; the checks before any compile are the suite's
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -31,6 +33,7 @@ def four_chips(tmp_path_factory):
     return json.load(f), proc.stdout
 
 
+@pytest.mark.long
 def test_plan_json_has_every_field(four_chips):
   result, printed = four_chips
   assert result["topology"] == "v5e:2x2" and result["num_devices"] == 4
@@ -56,6 +59,7 @@ def test_plan_json_has_every_field(four_chips):
   assert "outer" in printed and "fits" in printed
 
 
+@pytest.mark.long
 def test_fsdp_over_four_chips_holds_a_quarter_of_the_arguments(four_chips):
   from configs.sdxl import get_config
   from didr_jax.pipelines.plan import plan
@@ -66,6 +70,7 @@ def test_fsdp_over_four_chips_holds_a_quarter_of_the_arguments(four_chips):
   assert quarter <= four["argument_bytes"] <= 1.2 * quarter, (four["argument_bytes"], quarter)
 
 
+@pytest.mark.long
 def test_a_step_that_does_not_fit_is_reported_with_xla_figure(monkeypatch):
   """On a chip whose HBM (here 40 MiB) cannot hold the 1-chip TA step XLA refuses to compile it;
   the plan reports fits = False, XLA's message and its temporaries figure, no FLOPs."""

@@ -34,7 +34,8 @@ def shared(tmp_path_factory):
           "finished": None}
 
 
-@pytest.mark.parametrize("reward, p_star_expected", [("sigmoid", 0.8798), ("step", 0.8808)])
+@pytest.mark.parametrize("reward, p_star_expected", [
+    ("sigmoid", 0.8798), pytest.param("step", 0.8808, marks=pytest.mark.long)])
 def test_didr_reaches_p_star(tmp_path, shared, reward, p_star_expected):
   workdir = tmp_path / "run"
   if shared["finished"] is not None:

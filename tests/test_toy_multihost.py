@@ -8,6 +8,7 @@ the SDXL models and the SLURM launcher, is tests/test_t2i_cli_multihost.py in th
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -19,13 +20,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRUN = os.path.join(ROOT, "tests", "fake_slurm", "srun")
 METHODS = ("di", "dipp")
-STEPS = 200   # SMALL's alignment steps, in chunks of 25
+STEPS = 100   # alignment steps, in chunks of 25
 
 
 def command(workdir: str) -> list[str]:
   return ["bash", SRUN, sys.executable, "-m", "didr_jax.main", "--config=configs/toy.py:fast",
           f"--workdir={workdir}", "--multihost", *TOY_SMALL, "--config.train.parallel_methods=1",
-          "--config.train.steps_per_chunk=25", f"--config.methods={METHODS!r}"]
+          "--config.train.steps_per_chunk=25", f"--config.align.steps={STEPS}",
+          f"--config.methods={METHODS!r}"]
 
 
 def run(workdir: str, cache: str, pids, schedule=()) -> tuple[str, list[str]]:
@@ -50,11 +52,15 @@ def runs(tmp_path_factory):
   """An uninterrupted run, and one stopped twice then finished (same command, one workdir):
   1. SIGTERM to host 1 alone while host 0 logs the first method's first chunk;
   2. (resumed) SIGTERM to host 0 during the second method, to host 1 only once host 0 has stopped.
-  Checkpoints only at steps 100 and 200 and at the stops."""
+  Checkpoints only at step 100 and at the stops. The stopped run starts from the uninterrupted
+  run's pre-training checkpoints (the reference and the distilled generator depend on neither the
+  methods nor the stops)."""
   tmp = tmp_path_factory.mktemp("toy_multihost")
   cache = str(tmp / "jax_cache")
   straight, stopped = str(tmp / "straight"), str(tmp / "stopped")
   out = {"straight": run(straight, cache, tmp / "pids_straight")}
+  for phase in ("reference", "distill"):
+    shutil.copytree(os.path.join(straight, "checkpoints", phase), os.path.join(stopped, "checkpoints", phase))
   schedules = [[(f"[di] step 25/{STEPS}", 1)],
                [(f"[dipp] step 25/{STEPS}", 0), ("stopped by signal", 1)],
                []]
