@@ -1,5 +1,7 @@
 """AutoencoderKL parity against PyTorch diffusers (fp32, CPU): encode, decode, input gradients,
-legacy attention key names, export round trip, and table coverage of the real VAE configs."""
+legacy attention key names, export round trip, and table coverage of the real VAE configs; each
+for an SD-format VAE (4 latent channels, quant convs) and a FLUX-format one (Z-Image's: 16 latent
+channels, no quant convs, a shift factor)."""
 from types import SimpleNamespace
 
 import jax
@@ -37,16 +39,22 @@ def run_all(model, x, z, w_dec, w_enc):
   return model.encode(x), model.decode(z), jax.grad(dec_loss)(z), jax.grad(enc_loss)(x)
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory):
-  tm = R.build_vae(R.VAE_TINY, seed=2)
+TINY = {"sd": R.VAE_TINY,
+        "flux": dict(R.VAE_TINY, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=0.3611, shift_factor=0.1159)}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def vae(request, tmp_path_factory):
+  tm = R.build_vae(TINY[request.param], seed=2)
+  lat = tm.config.latent_channels
   folder = tmp_path_factory.mktemp("vae")
   tm.save_pretrained(folder)
   rng = np.random.default_rng(3)
   x = (0.5 * rng.standard_normal((2, 16, 16, 3))).astype(np.float32)
-  z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  z = rng.standard_normal((2, 8, 8, lat)).astype(np.float32)
   w_dec = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
-  w_enc = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  w_enc = rng.standard_normal((2, 8, 8, lat)).astype(np.float32)
   with torch.no_grad():
     ref_mean = R.nhwc(tm.encode(R.nchw(x)).latent_dist.mean)
     ref_dec = R.nhwc(tm.decode(R.nchw(z)).sample)
@@ -112,6 +120,8 @@ def test_export_round_trip_through_diffusers(vae, tmp_path):
   for key, value in vae.torch.state_dict().items():
     np.testing.assert_array_equal(back.state_dict()[key].numpy(), value.numpy(), err_msg=key)
   assert back.config.scaling_factor == vae.torch.config.scaling_factor
+  assert back.config.shift_factor == vae.torch.config.shift_factor
+  assert back.config.latent_channels == vae.torch.config.latent_channels
   with torch.no_grad():
     dec = R.nhwc(back.decode(R.nchw(vae.z)).sample)
   assert R.rel_err(vae.outs[1], dec) <= FWD_TOL
