@@ -227,7 +227,7 @@ def _layer_norm(x, eps):
 
 
 class PixArtTransformer2DModel(nnx.Module):
-  """PixArt-alpha DiT. ``attention``: xla|jax|cudnn; ``remat``: none|full|dots_no_batch|offload
+  """PixArt-alpha DiT. ``attention``: xla|jax|cudnn|splash; ``remat``: none|full|dots_no_batch|offload
   (applied to the scanned block)."""
 
   def __init__(self, config: PixArtConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -223,6 +223,9 @@ class Qwen3TextEncoder(nnx.Module):
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, attention: str = "xla", remat: str = "none"):
     opts = RuntimeOptions(dtype, param_dtype, attention, remat)
+    if attention == "splash":
+      raise ValueError("attention implementation 'splash' has no causal path (Qwen3 attends "
+                       "causally); choose 'xla', 'jax' or 'cudnn'")
     self.config, self.remat = cfg, remat
     self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **opts.kw)
     self.layers = nnx.List([DecoderLayer(cfg, opts=opts, rngs=rngs)

@@ -250,7 +250,7 @@ def block_specs(cfg: UNetConfig):
 
 
 class UNet2DConditionModel(nnx.Module):
-  """SD1.5 / SDXL UNet. ``attention``: xla|jax|cudnn; ``remat``: none|full|dots_no_batch|offload
+  """SD1.5 / SDXL UNet. ``attention``: xla|jax|cudnn|splash; ``remat``: none|full|dots_no_batch|offload
   (applied per down/mid/up block)."""
 
   def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -149,7 +149,7 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-  """KL autoencoder; ``attention``: xla|jax|cudnn, ``remat`` per block as in the UNet."""
+  """KL autoencoder; ``attention``: xla|jax|cudnn|splash, ``remat`` per block as in the UNet."""
 
   def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                attention: str = "xla", remat: str = "none", rngs: nnx.Rngs):
