@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.clip_torch_env import torch  # noqa: I001  (before diffusers: torchvision workaround)
-from tests.torch_refs import nchw, nhwc, rel_err, torch_grad
+from tests.torch_refs import nchw, nhwc, rel_err, torch_grad, torch_key_shapes
 from didr_jax.models.diffusers_loading import ShapeOnlyRngs
 from didr_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
-from didr_jax.models.pixart_mapping import (
-    from_diffusers_pixart, pixart_rules, stack_for_load, to_diffusers_pixart)
+from didr_jax.models import from_diffusers, to_diffusers
+from didr_jax.models.pixart_mapping import pixart_rules
 from didr_jax.sharding import abstract_model, get_rules, make_mesh, single_device_mesh
 from didr_jax.weights import WeightMismatchError, read_weights_folder, write_safetensors
 
@@ -95,7 +96,7 @@ def _case(tmp_path_factory, config, name, h, w):
   with torch.no_grad():
     ref = nhwc(_torch_call(tm, inp))
   ref_grad = torch_grad(lambda x: _torch_call(tm, inp, x), inp["x"], wts)
-  model = from_diffusers_pixart(str(folder))
+  model = from_diffusers(str(folder))
   return SimpleNamespace(torch=tm, folder=str(folder), inp=inp, w=wts, ref=ref, ref_grad=ref_grad,
                          model=model, out=np.asarray(forward(model, inp)))
 
@@ -140,7 +141,7 @@ def test_input_gradient_parity(plain):
 
 def test_input_gradient_parity_with_remat(cond):
   """Additional conditions, non-square input, the scanned block under full remat."""
-  model = from_diffusers_pixart(cond.folder, remat="full")
+  model = from_diffusers(cond.folder, remat="full")
   err = rel_err(np.asarray(grad_x(model, cond.inp, cond.w)), cond.ref_grad)
   print(f"cond remat grad rel err {err:.2e}")
   assert err < GRAD_TOL
@@ -149,7 +150,7 @@ def test_input_gradient_parity_with_remat(cond):
 def test_jax_attention_and_fsdp_sharded_load_agree(plain):
   """The fused-kernel path (boolean caption mask) on a 2x4 data/fsdp mesh: each device reads
   only its slice of the lazily stacked block weights."""
-  model = from_diffusers_pixart(plain.folder, attention="jax", mesh=make_mesh((2, 4, 1)),
+  model = from_diffusers(plain.folder, attention="jax", mesh=make_mesh((2, 4, 1)),
                                 rules="fsdp")
   kernel = model.transformer_blocks.attn1.to_q.kernel.get_value()
   assert kernel.sharding.spec[1] == "fsdp" and len(kernel.addressable_shards) == 8
@@ -160,7 +161,7 @@ def test_jax_attention_and_fsdp_sharded_load_agree(plain):
 
 def test_export_round_trip_through_diffusers(cond, tmp_path):
   from diffusers import PixArtTransformer2DModel as TorchPixArt
-  to_diffusers_pixart(cond.model, str(tmp_path))
+  to_diffusers(cond.model, str(tmp_path))
   back = TorchPixArt.from_pretrained(str(tmp_path)).eval()
   assert back.config.use_additional_conditions is True
   ref_sd, back_sd = cond.torch.state_dict(), back.state_dict()
@@ -192,7 +193,7 @@ def test_bad_folder_names_the_key(plain, tmp_path, edit, key):
   write_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"), tensors)
   (tmp_path / "config.json").write_text(json.dumps(plain.torch.config))
   with pytest.raises(WeightMismatchError, match=key.replace(".", r"\.")):
-    from_diffusers_pixart(str(tmp_path))
+    from_diffusers(str(tmp_path))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -226,11 +227,11 @@ def test_mapping_table_covers_full_size_pixart_xl():
   cfg = PixArtConfig.from_dict(XL_1024)
   _, abs_state = abstract_model(lambda: PixArtTransformer2DModel(cfg, rngs=ShapeOnlyRngs()),
                                 single_device_mesh(), get_rules("replicated"))
+  flat = {".".join(map(str, p)): v.get_value() if isinstance(v, nnx.Variable) else v
+          for p, v in nnx.to_flat_state(abs_state)}
   rules = pixart_rules(cfg)
-  sources = [r.source for r in rules]
-  assert len(sources) == len(set(sources)) == len(shapes) and set(sources) == set(shapes)
-  zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
-  stack_for_load(abs_state, zeros, rules, what="meta")  # raises on any gap or shape mismatch
+  assert sorted(r.target for r in rules) == sorted(flat)
+  assert torch_key_shapes(rules, {k: v.shape for k, v in flat.items()}) == shapes
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_state))
   assert ours == sum(int(np.prod(s)) for s in shapes.values()) == sum(
       p.numel() for p in tm.parameters())

@@ -15,14 +15,15 @@ import pytest
 from flax import nnx
 
 from tests.clip_torch_env import torch
+from tests.torch_refs import torch_key_shapes
 from diffusers import ZImageTransformer2DModel as TorchZImage
 
 from didr_jax import sharding as shd
 from didr_jax.models.diffusers_loading import ShapeOnlyRngs
+from didr_jax.models import from_diffusers, to_diffusers
 from didr_jax.models.zimage import ZImageConfig, ZImageTransformer2DModel
-from didr_jax.models.zimage_mapping import (
-    STACKS, from_diffusers_zimage, to_diffusers_zimage, zimage_rules)
-from didr_jax.weights import TRANSFORMS, WeightMismatchError, read_safetensors, write_safetensors
+from didr_jax.models.zimage_mapping import STACKS, zimage_rules
+from didr_jax.weights import WeightMismatchError, read_safetensors, write_safetensors
 
 pytestmark = pytest.mark.parity
 
@@ -94,7 +95,7 @@ def pair(request, tmp_path_factory):
   tm = _randomize(TorchZImage(**cfg), seed=len(request.param))
   folder = str(tmp_path_factory.mktemp(request.param))
   tm.save_pretrained(folder)
-  return cfg, tm, folder, from_diffusers_zimage(folder)
+  return cfg, tm, folder, from_diffusers(folder)
 
 
 def test_forward_parity_masked_batch(pair):
@@ -139,7 +140,7 @@ def test_input_gradient_parity(pair):
 
 def test_export_round_trip(pair, tmp_path):
   cfg, _, _, model = pair
-  to_diffusers_zimage(model, str(tmp_path))
+  to_diffusers(model, str(tmp_path))
   back = TorchZImage.from_pretrained(str(tmp_path)).eval()
   assert ZImageConfig.from_dict(dict(back.config)) == model.config
   x, t, cap, mask = _inputs(cfg, seed=3)
@@ -162,7 +163,7 @@ def test_bad_folder_names_key(pair, tmp_path, edit):
   with open(os.path.join(folder, "config.json")) as f:
     (tmp_path / "config.json").write_text(f.read())
   with pytest.raises(WeightMismatchError, match=key.replace(".", r"\.")) as err:
-    from_diffusers_zimage(str(tmp_path))
+    from_diffusers(str(tmp_path))
   if edit == "rename":
     assert "layers.1.feed_forward.w4.weight" in str(err.value)
 
@@ -174,15 +175,6 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=field):
       ZImageConfig.from_dict({**FULL, **bad})
   assert ZImageConfig.from_dict(ZImageConfig().to_dict()) == ZImageConfig()
-
-
-def _expand(rule, shape):
-  """(torch key, torch shape) pairs of one rule; stacked rules give one pair per layer."""
-  shape = TRANSFORMS[rule.transform].to_torch(np.empty(shape, np.int8)).shape
-  if ".*." not in rule.source:
-    return [(rule.source, tuple(shape))]
-  stack, _, suffix = rule.source.partition(".*.")
-  return [(f"{stack}.{i}.{suffix}", tuple(shape[1:])) for i in range(shape[0])]
 
 
 def test_full_size_key_coverage():
@@ -200,7 +192,7 @@ def test_full_size_key_coverage():
           for p, v in nnx.to_flat_state(abs_state)}
   rules = zimage_rules(cfg)
   assert sorted(r.target for r in rules) == sorted(flat)
-  ours = dict(kv for r in rules for kv in _expand(r, flat[r.target].shape))
+  ours = torch_key_shapes(rules, {k: v.shape for k, v in flat.items()})
   theirs = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
   assert sorted(ours) == sorted(theirs)
   assert {k: v for k, v in ours.items() if theirs[k] != v} == {}

@@ -157,3 +157,18 @@ def meta_state_shapes(cls, config: dict) -> dict:
   with torch.device("meta"):
     model = cls.from_config(config)
   return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def torch_key_shapes(rules, flat_shapes: dict) -> dict:
+  """{torch key: torch shape} a mapping table expects, from our parameters' shapes
+  ({target: shape}); a stacked source ``<stack>.*.<suffix>`` gives one key per layer."""
+  from didr_jax.weights import TRANSFORMS
+  out = {}
+  for rule in rules:
+    shape = TRANSFORMS[rule.transform].to_torch(np.empty(flat_shapes[rule.target], np.int8)).shape
+    if ".*." not in rule.source:
+      out[rule.source] = tuple(shape)
+    else:
+      stack, _, suffix = rule.source.partition(".*.")
+      out.update({f"{stack}.{i}.{suffix}": tuple(shape[1:]) for i in range(shape[0])})
+  return out

@@ -20,12 +20,16 @@ import numpy as np
 from flax import nnx
 
 from didr_jax import sharding as shd
+from didr_jax.models import pixart_mapping, zimage_mapping
+from didr_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from didr_jax.models.unet import UNet2DConditionModel, UNetConfig
 from didr_jax.models.unet_mapping import unet_rules
 from didr_jax.models.vae import AutoencoderKL, VAEConfig
 from didr_jax.models.vae_mapping import fix_legacy_vae_keys, vae_rules
+from didr_jax.models.zimage import ZImageConfig, ZImageTransformer2DModel
 from didr_jax.weights import (
     WeightFileError, export_state, load_state, read_weights_folder, write_safetensors)
+from didr_jax.weights.stacking import stack_layers, unstack_layers
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -37,12 +41,19 @@ class ModelKind:
   config_cls: type
   model_cls: type
   rules: Callable
-  fix_keys: Optional[Callable] = None
+  fix_keys: Optional[Callable] = None    # tensors -> tensors (legacy key names)
+  stacked: Optional[Callable] = None     # config -> {stack: (layers, block suffixes)} (weights.stacking)
 
 
 KINDS = {
     "UNet2DConditionModel": ModelKind(UNetConfig, UNet2DConditionModel, unet_rules),
     "AutoencoderKL": ModelKind(VAEConfig, AutoencoderKL, vae_rules, fix_legacy_vae_keys),
+    "PixArtTransformer2DModel": ModelKind(PixArtConfig, PixArtTransformer2DModel,
+                                          pixart_mapping.pixart_rules,
+                                          stacked=pixart_mapping.stacked_layers),
+    "ZImageTransformer2DModel": ModelKind(ZImageConfig, ZImageTransformer2DModel,
+                                          zimage_mapping.zimage_rules,
+                                          stacked=zimage_mapping.stacked_layers),
 }
 
 
@@ -58,7 +69,7 @@ def _kind(config: dict, where: str) -> tuple[str, ModelKind]:
   name = config.get("_class_name")
   if name not in KINDS:
     raise ValueError(f"{where}: _class_name {name!r} is not supported; choose one of "
-                     f"{sorted(KINDS)} (CLIP text encoders load with from_transformers)")
+                     f"{sorted(KINDS)} (text encoders load with from_transformers)")
   return name, KINDS[name]
 
 
@@ -138,16 +149,19 @@ def restore_state(entry: str, abstract_state):
   return abstract_state
 
 
-def load_tensors(folder: str, class_name: str):
+def load_tensors(folder: str, class_name: str, cfg):
+  """The folder's tensors by diffusers key; scanned blocks as lazily stacked ``<stack>.*.`` keys."""
+  kind = KINDS[class_name]
   tensors = read_weights_folder(folder, WEIGHTS_STEM)
-  fix = KINDS[class_name].fix_keys
-  return fix(tensors) if fix else tensors
+  if kind.fix_keys:
+    tensors = kind.fix_keys(tensors)
+  return stack_layers(tensors, kind.stacked(cfg), what=folder) if kind.stacked else tensors
 
 
 def from_diffusers(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
                    rules=None, attention: str = "xla", remat: str = "none",
                    cache_dir: Optional[str] = None):
-  """Load a diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` folder as our NNX model.
+  """Load a diffusers folder of one of ``KINDS`` (UNet, VAE, PixArt, Z-Image) as our NNX model.
 
   ``rules``: a rule table or its name in ``didr_jax.sharding.RULES`` (default replicated on one
   device). ``cache_dir``: keep an orbax copy of the converted weights and reuse it next time.
@@ -162,7 +176,8 @@ def from_diffusers(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, m
   if entry and is_cache_entry(entry):
     state = restore_state(entry, abs_state)
   else:
-    state = load_state(abs_state, load_tensors(folder, class_name), kind.rules(cfg), what=folder)
+    state = load_state(abs_state, load_tensors(folder, class_name, cfg), kind.rules(cfg),
+                       what=folder)
     if entry:
       save_cache_entry(entry, config, state)
   return nnx.merge(graphdef, state)
@@ -191,6 +206,8 @@ def to_diffusers(model, folder: str, *, dtype=np.float32) -> str:
   """
   class_name, kind = _kind_of_model(model)
   tensors = export_state(nnx.state(model, nnx.Param), kind.rules(model.config), dtype=dtype)
+  if kind.stacked:
+    tensors = unstack_layers(tensors)
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{WEIGHTS_STEM}.safetensors")
   write_safetensors(path, tensors, metadata={"format": "pt"})
