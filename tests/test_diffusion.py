@@ -9,7 +9,8 @@ from didr_jax.diffusion import (PREDICTIONS, Schedule, cfg, ddim_sample, ddim_st
                                 score, to_denoiser)
 
 SCHEDULES = [Schedule("discrete_vp"), Schedule("discrete_vp", betas="linear", beta_start=1e-4, beta_end=2e-2),
-             Schedule("continuous_vp"), Schedule("continuous_vp", betas="cosine"), Schedule("rectified_flow")]
+             Schedule("continuous_vp"), Schedule("continuous_vp", betas="cosine"), Schedule("rectified_flow"),
+             Schedule("rectified_flow", shift=3.0)]
 
 
 def _times(s: Schedule, n=7):
@@ -28,7 +29,33 @@ def test_discrete_schedule_matches_diffusers():
     np.testing.assert_allclose(np.asarray(s) ** 2, 1 - ref, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}")
+@pytest.mark.parity
+def test_shifted_flow_schedule_and_euler_step_match_diffusers():
+  """Schedule("rectified_flow", shift=3) gives FlowMatchEulerDiscreteScheduler(shift=3)'s noise
+  levels for the same unshifted times, and a DDIM step with a flow (eps - x0) prediction is its
+  Euler step."""
+  import torch
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  ours = Schedule("rectified_flow", shift=3.0)
+  u = np.array([0.97, 0.6, 0.25], np.float32)
+  ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+  ref.set_timesteps(sigmas=list(u))
+  a, s = ours.alpha_sigma(jnp.asarray(u))
+  np.testing.assert_allclose(np.asarray(s), ref.sigmas.numpy()[:3], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(a), 1 - ref.sigmas.numpy()[:3], rtol=1e-6)
+  rng = np.random.default_rng(0)
+  x, v = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+  for i in range(2):
+    want = ref.step(torch.from_numpy(v), ref.timesteps[i], torch.from_numpy(x)).prev_sample.numpy()
+    a_i, s_i = ours.alpha_sigma(u[i])
+    d, eps = to_denoiser(v, x, a_i, s_i, "flow")
+    got = ddim_step(d, eps, *ours.alpha_sigma(u[i + 1]))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="schedule.shift 3.0"):
+    Schedule("discrete_vp", shift=3.0)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}-{s.shift}")
 def test_vp_and_flow_coefficients(sched):
   a, s = sched.alpha_sigma(_times(sched))
   if sched.kind == "rectified_flow":
@@ -39,7 +66,7 @@ def test_vp_and_flow_coefficients(sched):
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}")
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: f"{s.kind}-{s.betas}-{s.shift}")
 def test_conversions_round_trip(prediction, sched):
   t = _times(sched)
 

@@ -71,9 +71,9 @@ def test_mixture_drs_against_brute_force_quadrature(reward):
     np.testing.assert_allclose(ours[i], fd, rtol=2e-3, atol=1e-4)
 
 
-def _k_step_jacobian(t, k):
+def _k_step_jacobian(t, k, sched=SCHED):
   """Closed-form slope of Phi_K for the Gaussian prior: product of the DDIM step slopes."""
-  a_of = lambda tt: SCHED.alpha_sigma(tt)
+  a_of = lambda tt: sched.alpha_sigma(tt)
   slope = jnp.ones_like(t)
   for j in range(k, 1, -1):
     aj, sj = a_of(t * j / k)
@@ -84,15 +84,20 @@ def _k_step_jacobian(t, k):
   return slope * a1 * V0 / (a1 ** 2 * V0 + s1 ** 2)
 
 
+@pytest.mark.parametrize("sched", [SCHED, Schedule("rectified_flow", shift=3.0)],
+                         ids=["vp", "flow-shift3"])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_drp_scan_closed_form(k):
-  """K=1 equals the exact DRS; K=2,4 equal the closed-form K-step DDIM Jacobian (biased)."""
+def test_drp_scan_closed_form(k, sched):
+  """K=1 equals the exact DRS; K=2,4 equal the closed-form K-step DDIM Jacobian (biased); on the
+  VP schedule and on the time-shifted flow schedule (Z-Image's), where DDIM steps are Euler steps
+  of the flow ODE."""
   x, t = _xt()
   reward = lambda x0, c: x0 @ B
-  drp, r_phi, d_first = jax.jit(lambda x, t: drp_estimate(_ref, reward, SCHED, x, t, None, k, BETA))(x, t)
-  expected = _k_step_jacobian(t, k)[:, None] * B / BETA
+  ref = lambda x, t, cond=None, guided=False: gaussian_denoiser(MU, V0 * jnp.eye(2), sched)(x, t)
+  drp, r_phi, d_first = jax.jit(lambda x, t: drp_estimate(ref, reward, sched, x, t, None, k, BETA))(x, t)
+  expected = _k_step_jacobian(t, k, sched)[:, None] * B / BETA
   chex.assert_trees_all_close(drp, expected, atol=1e-5, rtol=1e-4)
-  a, s = SCHED.alpha_sigma(t)      # the chain's first call is the posterior mean at (x_t, t)
+  a, s = sched.alpha_sigma(t)      # the chain's first call is the posterior mean at (x_t, t)
   gain = (a * V0 / (a ** 2 * V0 + s ** 2))[:, None]
   chex.assert_trees_all_close(d_first, MU + gain * (x - a[:, None] * MU), atol=1e-5, rtol=1e-4)
   assert r_phi.shape == (x.shape[0],)

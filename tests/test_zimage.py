@@ -125,6 +125,31 @@ def test_padding_invariance(pair):
   assert _rel(alone, base[1:]) < RTOL, _rel(alone, base[1:])
 
 
+def test_euler_step_in_the_pipeline_convention(pair):
+  """One step of the shifted flow schedule with ``flow_velocity`` read out as a flow prediction
+  (our DDIM step) equals the Z-Image pipeline's step: the transformer fed (1000 - t) / 1000, its
+  output negated, FlowMatchEulerDiscreteScheduler(shift=3).step."""
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  from didr_jax.diffusion import Schedule, ddim_step, to_denoiser
+  from didr_jax.models.zimage import flow_velocity
+  cfg, tm, _, model = pair
+  x, _, cap, mask = _inputs(cfg)
+  u = np.array([0.8, 0.45], np.float32)           # unshifted times of two steps
+  sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+  sched.set_timesteps(sigmas=list(u))
+  t = sched.timesteps[0]
+  with torch.no_grad():
+    pred = -_torch_forward(tm, x, np.full((B,), (1000 - float(t)) / 1000, np.float32), cap, mask)
+    want = sched.step(pred.permute(0, 3, 1, 2), t, torch.from_numpy(x).permute(0, 3, 1, 2))
+  want = want.prev_sample.permute(0, 2, 3, 1).numpy()
+  ours = Schedule("rectified_flow", shift=3.0)
+  a, s = ours.alpha_sigma(jnp.full((B,), u[0]))
+  v = jax.jit(flow_velocity)(model, x, s, cap, mask)
+  d, eps = to_denoiser(v, x, a, s, "flow")
+  got = ddim_step(d, eps, *ours.alpha_sigma(jnp.full((B,), u[1])))
+  assert _rel(got, want) < RTOL, _rel(got, want)
+
+
 def test_input_gradient_parity(pair):
   cfg, tm, _, model = pair
   x, t, cap, mask = _inputs(cfg)

@@ -4,7 +4,9 @@ A :class:`Schedule` is a hashable, static description (closed over by jitted cod
 is a pure jnp function of t, so it works under jit, vmap and grad.
   discrete_vp    : t in {0..T-1} (int or float index), a = sqrt(abar_t), s = sqrt(1 - abar_t)
   continuous_vp  : t in [0, 1], log a_t = -0.5 int_0^t beta(u) du (linear beta) or cosine
-  rectified_flow : t = sigma in [0, 1], a = 1 - sigma, s = sigma
+  rectified_flow : t in [0, 1], sigma = shift t / (1 + (shift - 1) t), a = 1 - sigma, s = sigma
+                   (``shift`` 1: t = sigma; FlowMatchEulerDiscreteScheduler's time shift otherwise,
+                   so uniform t draws the shifted noise levels the checkpoint was trained on)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Schedule:
   beta_min: float = 0.1            # continuous_vp linear
   beta_max: float = 20.0           # continuous_vp linear
   cosine_s: float = 0.008          # continuous_vp cosine
+  shift: float = 1.0               # rectified_flow time shift (Z-Image: 3.0 Turbo, 6.0 base)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -38,6 +41,9 @@ class Schedule:
                "rectified_flow": (self.betas,)}[self.kind]
     if self.betas not in allowed:
       raise ValueError(f"schedule.betas {self.betas!r} not valid for {self.kind}; choose {allowed}")
+    if not self.shift > 0 or (self.shift != 1.0 and self.kind != "rectified_flow"):
+      raise ValueError(f"schedule.shift {self.shift!r}: a positive time shift of rectified_flow "
+                       f"(1.0 for {self.kind})")
 
   @property
   def t_range(self) -> tuple[float, float]:
@@ -67,7 +73,8 @@ class Schedule:
       return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
     t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
     if self.kind == "rectified_flow":
-      return 1.0 - t, t
+      sigma = t if self.shift == 1.0 else self.shift * t / (1.0 + (self.shift - 1.0) * t)
+      return 1.0 - sigma, sigma
     if self.betas == "linear":
       log_a = -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
     else:

@@ -341,3 +341,11 @@ class ZImageTransformer2DModel(nnx.Module):
     scale = 1 + self.final_adaLN(jax.nn.silu(adaln))[:, None, :]
     out = self.final_linear((u.astype(self.dtype) * scale))
     return out.reshape(b, ht, wt, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def flow_velocity(model: ZImageTransformer2DModel, x, sigma, cap_feats, cap_mask=None):
+  """The flow-matching velocity u = eps - x0 at noise level ``sigma`` [B] (x = (1 - sigma) x0 +
+  sigma eps), in the Z-Image pipeline's convention: the transformer is fed 1 - sigma and predicts
+  x0 - eps (the pipeline negates it before its scheduler step)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  return -model(x, 1.0 - sigma, cap_feats, cap_mask).astype(jnp.float32)
