@@ -73,3 +73,19 @@ def test_default_estimator_fixed_point_is_p_star(reward, table):
   p_star = target_summary(problem, num_is=1000)["p_pos"]
   assert abs(res["p_pos"] - p_star) <= 0.015, (res, p_star)
   assert res["w1"] <= 0.08, res
+
+
+def test_default_estimator_fixed_point_is_p_star_on_a_shifted_flow_schedule():
+  """The same fixed point on Z-Image's kind of forward process (rectified flow, time shift 3:
+  x_t = (1 - sigma) x0 + sigma eps), the estimator's variance table built on that schedule."""
+  from didr_jax.diffusion import Schedule
+  flow = Schedule("rectified_flow", shift=3.0)
+  problem = _problem("sigmoid")
+  table = drs_bias.exact_table(problem, flow, jax.random.PRNGKey(0))
+  x = drs_bias.fixed_point(_shipped(), problem, flow, table, jax.random.PRNGKey(0),
+                           t_range=(0.01, 0.99), iterations=300, lr=2.0, x_lim=8.0, num_x=161,
+                           num_t=12, repeats=768)
+  res = drs_bias.particle_summary(problem, x)
+  p_star = target_summary(problem, num_is=1000)["p_pos"]
+  assert abs(res["p_pos"] - p_star) <= 0.015, (res, p_star)
+  assert res["w1"] <= 0.08, res
