@@ -82,10 +82,11 @@ def splash_attention(q, k, v, mask=None):
 
   Sequences are padded to whole blocks; padded keys (and keys ``mask`` drops) get segment id 1,
   every query segment 0, so no query attends to them (padded query rows attend to the real keys,
-  so no softmax row is empty, and are cut off). Under a
-  mesh the kernel runs per shard (``shard_map``) over the batch axes (data, fsdp) that divide the
-  batch and over ``tensor`` for the heads when it divides them; other axes hold whole copies.
-  Interpret mode unless the mesh's (or default) platform is TPU.
+  so no softmax row is empty, and are cut off; an example whose keys are all masked has no
+  softmax at all, where the ``xla`` path averages v). Under a mesh the kernel runs per shard
+  (``shard_map``) over the batch axes (data, fsdp) that divide the batch and over ``tensor`` for
+  the heads when it divides them; other axes hold whole copies. Interpret mode unless the mesh's
+  (or the default) platform is TPU.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
