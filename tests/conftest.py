@@ -34,14 +34,19 @@ TIERS = ("suite", "long", "all")
 
 
 def pytest_addoption(parser):
-  parser.addoption("--tier", choices=TIERS, default="suite",
+  parser.addoption("--tier", choices=TIERS, default=None,
                    help="suite: every test but the long end-to-end runs (the default, the CI's "
-                        "15-minute budget); long: only those (marker 'long'); all: both")
+                        "15-minute budget); long: only those (marker 'long'); all: both. "
+                        "Default: suite, or all when test files are named on the command line")
 
 
 def _select_tier(config, items):
-  """Deselect (reported as such, not skipped) the tests outside ``--tier``."""
+  """Deselect (reported as such, not skipped) the tests outside ``--tier``; a test file named on
+  the command line runs whole unless ``--tier`` is given."""
   tier = config.getoption("tier")
+  if tier is None:
+    named = any(str(a).split("::")[0].endswith(".py") for a in config.args)
+    tier = "all" if named else "suite"
   if tier == "all":
     return
   in_tier = [(i.get_closest_marker("long") is not None) == (tier == "long") for i in items]
@@ -53,9 +58,10 @@ def _select_tier(config, items):
 
 
 def pytest_collection_modifyitems(config, items):
-  """The ``--tier``'s tests. End-to-end (``slow``) files first, the multi-process ones (the longest) first among them:
-  under ``--dist loadfile`` the longest files then start at once on separate workers and the
-  quick files fill in behind them, instead of a long file starting last and running alone."""
+  """The ``--tier``'s tests. End-to-end (``slow``) files first, the multi-process ones (the
+  longest) first among them: under ``--dist loadfile`` the longest files then start at once on
+  separate workers and the quick files fill in behind them, instead of a long file starting last
+  and running alone."""
   def rank(item):
     if item.get_closest_marker("slow") is None:
       return 2
