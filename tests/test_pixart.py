@@ -172,6 +172,19 @@ def test_export_round_trip_through_diffusers(cond, tmp_path):
   assert err == 0.0
 
 
+def test_released_checkpoints_class_name_loads(plain, tmp_path):
+  """PixArt-alpha's released transformer folders name the class ``Transformer2DModel``
+  (diffusers' pipeline loads them as ``PixArtTransformer2DModel`` regardless)."""
+  import shutil
+  folder = tmp_path / "transformer"
+  shutil.copytree(plain.folder, folder)
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, "_class_name": "Transformer2DModel"}))
+  model = from_diffusers(str(folder))
+  assert isinstance(model, PixArtTransformer2DModel)
+  np.testing.assert_array_equal(np.asarray(forward(model, plain.inp)), plain.out)
+
+
 @pytest.mark.parametrize("edit,key", [
     ("remove", "transformer_blocks.1.attn2.to_k.weight"),
     ("rename", "transformer_blocks.0.ff.net.2.bias"),

@@ -65,8 +65,17 @@ def read_config(folder: str) -> dict:
     return json.load(f)
 
 
-def _kind(config: dict, where: str) -> tuple[str, ModelKind]:
+def _class_name(config: dict):
+  """``_class_name``; PixArt-alpha's released transformers say ``Transformer2DModel`` (diffusers'
+  pipeline loads them as ``PixArtTransformer2DModel`` whatever the file says)."""
   name = config.get("_class_name")
+  if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+    return "PixArtTransformer2DModel"
+  return name
+
+
+def _kind(config: dict, where: str) -> tuple[str, ModelKind]:
+  name = _class_name(config)
   if name not in KINDS:
     raise ValueError(f"{where}: _class_name {name!r} is not supported; choose one of "
                      f"{sorted(KINDS)} (text encoders load with from_transformers)")
