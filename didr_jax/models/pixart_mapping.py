@@ -11,10 +11,12 @@ from didr_jax.models.pixart import PixArtConfig
 from didr_jax.weights import Rule
 
 BLOCKS = "transformer_blocks"
-_BLOCK_LINEARS = ([(f"{a}.{n}", f"{a}.{n}") for a in ("attn1", "attn2") for n in ("to_q", "to_k", "to_v")]
-                  + [(f"{a}.to_out.0", f"{a}.to_out.0") for a in ("attn1", "attn2")]
+# (flax path, torch path) of a block's linears
+_BLOCK_LINEARS = ([(f"{a}.{n}", f"{a}.{n}") for a in ("attn1", "attn2")
+                   for n in ("to_q", "to_k", "to_v", "to_out.0")]
                   + [("ff_proj", "ff.net.0.proj"), ("ff_out", "ff.net.2")])
-_BLOCK_SUFFIXES = {"scale_shift_table"} | {f"{t}.{w}" for _, t in _BLOCK_LINEARS for w in ("weight", "bias")}
+_BLOCK_SUFFIXES = ({"scale_shift_table"}
+                   | {f"{t}.{w}" for _, t in _BLOCK_LINEARS for w in ("weight", "bias")})
 
 
 def stacked_layers(cfg: PixArtConfig) -> dict:
