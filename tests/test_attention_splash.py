@@ -1,8 +1,9 @@
 """``attention="splash"`` (the Pallas splash kernel; Pallas interpret mode on CPU) against a float64
 NumPy softmax attention: self- and cross-attention with sequences that are not whole blocks and
 per-example key masks, its gradients against the ``xla`` path's, per-shard runs under a mesh, the
-tiny SDXL UNet, and the TPU compile of an SDXL-size attention layer (deviceless, libtpu): the
-kernel lowers for TPU and does not hold the [B, H, Tq, Tk] logits the ``xla`` path holds."""
+tiny SDXL UNet and the tiny DiTs (masked captions) against ``xla``, and the TPU compile of an
+SDXL-size attention layer (deviceless, libtpu): the kernel lowers for TPU and does not hold the
+[B, H, Tq, Tk] logits the ``xla`` path holds."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -79,21 +80,59 @@ def test_splash_under_a_mesh_runs_per_shard(batch):
 
 def test_tiny_sdxl_unet_with_splash_equals_xla():
   from flax import nnx
-  from didr_jax import sharding
   from didr_jax.models.diffusers_loading import ShapeOnlyRngs
   from didr_jax.models.unet import UNet2DConditionModel
-  from didr_jax.pipelines.tiny import create_random, unet_config
+  from didr_jax.pipelines.tiny import unet_config
   cfg = unet_config("sdxl")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
   t = jnp.array([10.0, 700.0])
   ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 48))
   extra = dict(text_embeds=jax.random.normal(jax.random.PRNGKey(2), (2, 32)),
                time_ids=jnp.tile(jnp.array([[16.0, 16, 0, 0, 16, 16]]), (2, 1)))
-  out = {}
-  for impl in ("xla", "splash"):
-    graph, params = create_random(lambda: UNet2DConditionModel(cfg, attention=impl, rngs=ShapeOnlyRngs()),
-                                  sharding.single_device_mesh(), sharding.get_rules("replicated"), 0)
-    out[impl] = np.asarray(jax.jit(lambda p: nnx.merge(graph, p)(x, t, ctx, **extra))(params))
+  pair = _random_pair(lambda impl: UNet2DConditionModel(cfg, attention=impl, rngs=ShapeOnlyRngs()))
+  out = {impl: np.asarray(jax.jit(lambda p, g=graph: nnx.merge(g, p)(x, t, ctx, **extra))(params))
+         for impl, (graph, params) in pair.items()}
+  np.testing.assert_allclose(out["splash"], out["xla"], rtol=1e-4, atol=1e-5)
+
+
+def _random_pair(make):
+  """(graph, params) of ``make(attention)`` for xla and splash, the same random parameters."""
+  from didr_jax import sharding
+  from didr_jax.pipelines.tiny import create_random
+  return {impl: create_random(lambda: make(impl), sharding.single_device_mesh(),
+                              sharding.get_rules("replicated"), 0) for impl in ("xla", "splash")}
+
+
+@pytest.mark.parametrize("dit", ["pixart", "zimage"])
+def test_tiny_dits_with_splash_equal_xla(dit):
+  """The DiTs' masked attention through splash: PixArt's cross-attention to captions of 6 and 3
+  real tokens, Z-Image's joint attention over image and caption tokens with per-item masks."""
+  from flax import nnx
+  from didr_jax.models.diffusers_loading import ShapeOnlyRngs
+  rng = np.random.default_rng(0)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  if dit == "pixart":
+    from didr_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
+    cfg = PixArtConfig.from_dict(dict(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=24,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6))
+    make = lambda impl: PixArtTransformer2DModel(cfg, attention=impl, rngs=ShapeOnlyRngs())
+    args = (f(2, 8, 8, 4), jnp.array([999.0, 17.0]), f(2, 6, 32),
+            jnp.array([[1.0] * 6, [1, 1, 1, 0, 0, 0]]))
+  else:
+    from didr_jax.models.zimage import ZImageConfig, ZImageTransformer2DModel
+    cfg = ZImageConfig.from_dict(dict(
+        all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=64, n_layers=2,
+        n_refiner_layers=1, n_heads=4, n_kv_heads=4, qk_norm=True, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[160, 16, 16], rope_theta=256.0, t_scale=1000.0,
+        norm_eps=1e-5))
+    make = lambda impl: ZImageTransformer2DModel(cfg, attention=impl, rngs=ShapeOnlyRngs())
+    args = (f(2, 10, 12, 4), jnp.array([0.3, 0.85]), f(2, 40, 32),
+            jnp.asarray(np.arange(40)[None] < np.array([[40], [7]])))
+  out = {impl: np.asarray(jax.jit(lambda p, g=graph: nnx.merge(g, p)(*args))(params))
+         for impl, (graph, params) in _random_pair(make).items()}
   np.testing.assert_allclose(out["splash"], out["xla"], rtol=1e-4, atol=1e-5)
 
 
