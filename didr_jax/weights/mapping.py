@@ -45,13 +45,13 @@ class WeightMismatchError(ValueError):
   """The weights and the model disagree; the message lists every offending key."""
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   return ".".join(str(p) for p in path)
 
 
 def flat_state(state) -> dict[str, object]:
   """{dotted path: leaf} of an nnx.State (leaves: arrays or ShapeDtypeStructs)."""
-  return {_path_str(path): leaf for path, leaf in nnx.to_flat_state(state)}
+  return {path_str(path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
 def _check_rules(rules: Sequence[Rule], what: str):
@@ -64,7 +64,7 @@ def _check_rules(rules: Sequence[Rule], what: str):
     raise WeightMismatchError(f"{what}: mapping table maps these targets twice: {dup[:10]}")
 
 
-def _leaf_value(leaf):
+def leaf_value(leaf):
   return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
@@ -97,7 +97,7 @@ def load_state(abstract_state, tensors: Mapping[str, np.ndarray], rules: Sequenc
   for target, rule in by_target.items():
     if target in flat and rule.source in tensors:
       got = TRANSFORMS[rule.transform].to_flax(tensors[rule.source]).shape
-      want = _leaf_value(flat[target]).shape
+      want = leaf_value(flat[target]).shape
       if tuple(got) != tuple(want):
         misshaped.append(f"{rule.source}: {tuple(tensors[rule.source].shape)} -> {tuple(want)}")
   if unknown_targets:
@@ -106,23 +106,14 @@ def load_state(abstract_state, tensors: Mapping[str, np.ndarray], rules: Sequenc
     raise WeightMismatchError(_format(what, missing_targets, missing_sources, unused, sorted(misshaped)))
 
   def place(path, leaf):
-    key = _path_str(path)
-    spec = _leaf_value(leaf)
+    key = path_str(path)
+    spec = leaf_value(leaf)
     rule = by_target[key]
     host = TRANSFORMS[rule.transform].to_flax(tensors[rule.source])
     return jax.make_array_from_callback(
         spec.shape, spec.sharding, lambda idx: np.asarray(host[idx], dtype=spec.dtype))
 
-  return nnx.map_state(place, abstract_state) if hasattr(nnx, "map_state") else _map_state(place, abstract_state)
-
-
-def _map_state(fn, state):
-  flat = nnx.to_flat_state(state)
-  leaves = []
-  for path, leaf in flat:
-    value = fn(path, leaf)
-    leaves.append((path, leaf.replace(value) if isinstance(leaf, nnx.Variable) else value))
-  return nnx.from_flat_state(leaves)
+  return nnx.map_state(place, abstract_state)
 
 
 def export_state(state, rules: Sequence[Rule], *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -137,6 +128,6 @@ def export_state(state, rules: Sequence[Rule], *, dtype=np.float32) -> dict[str,
   out = {}
   for target, leaf in flat.items():
     rule = by_target[target]
-    host = np.asarray(jax.device_get(_leaf_value(leaf)), dtype=dtype)
+    host = np.asarray(jax.device_get(leaf_value(leaf)), dtype=dtype)
     out[rule.source] = np.ascontiguousarray(TRANSFORMS[rule.transform].to_torch(host))
   return out
