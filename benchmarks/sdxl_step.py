@@ -1,5 +1,7 @@
 """Per-method TA-step / generator-step time, XLA FLOPs and compiled peak memory of the t2i
-pipeline on a mid-size SDXL-shaped random model; DIDR with each DRS estimator (``--estimators``:
+pipeline on a mid-size random model of a backbone (``--backbone``: sdxl, the default, sd15,
+pixart, zimage; the DiTs have one tiny size, ``--width`` scales the UNets); DIDR with each DRS
+estimator (``--estimators``:
 drp at K = 1, 2, 4, snis at K x M, hybrid); per-device memory on 1 vs N devices (FSDP); 1-device
 memory with gradient accumulation (``--accums``).
 
@@ -7,6 +9,7 @@ memory with gradient accumulation (``--accums``).
   python benchmarks/sdxl_step.py --width=64 --resolution=64 --batch=8
   python benchmarks/sdxl_step.py --methods= --accums=1,2,4    # only the TA and accumulation rows
   python benchmarks/sdxl_step.py --methods=di,dipp --estimators=drp:2,snis:2x4,snis:4x8
+  python benchmarks/sdxl_step.py --backbone=zimage --resolution=64 --accums=
 
 Peak memory = compiled argument + output + temp bytes per device (``memory_analysis``; aliased
 donated buffers counted once). XLA's cost analysis counts a loop body once, so the DIDR rows add
@@ -17,6 +20,7 @@ accelerator's peak FLOP/s (``--peak_tflops``). The machine load is printed befor
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -27,7 +31,6 @@ from benchmarks.machine import LoadRecord  # noqa: E402
 
 import jax  # noqa: E402
 
-from configs.sdxl import get_config  # noqa: E402
 from didr_jax.data import PromptSampler  # noqa: E402
 from didr_jax.pipelines import experiment  # noqa: E402
 from didr_jax.pipelines.t2i import T2I  # noqa: E402
@@ -51,8 +54,8 @@ def drp_call_gflops(pipe, cfg) -> float:
   (forward again + backward), compiled standalone on the pipeline's mesh."""
   sampler = PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=0)
   cond = {k: v[0] for k, v in pipe.conds(sampler, 0, 1).items()}
-  x = jax.device_put(jax.numpy.zeros((cfg.align.batch, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
-  t = jax.device_put(jax.numpy.full((cfg.align.batch,), 500.0), pipe.cond_sharding(1, 0))
+  x = jax.device_put(jax.numpy.zeros((cfg.align.batch,) + tuple(pipe.task.sample_shape)), pipe.batch_sh)
+  t = jax.device_put(jax.numpy.full((cfg.align.batch,), mid_t(pipe)), pipe.cond_sharding(1, 0))
 
   def forward(p, x, t, c):
     return pipe.task.denoiser(p, cfg.objective.cfg_w)(x, t, c, True)[0]
@@ -71,14 +74,20 @@ def chain_step_gflops(pipe, cfg, rows: int) -> float:
   sampler = PromptSampler(experiment.prompts_of(cfg), global_batch=cfg.align.batch, seed=0)
   rep = rows // cfg.align.batch
   cond = {k: jax.numpy.repeat(v[0], rep, axis=0) for k, v in pipe.conds(sampler, 0, 1).items()}
-  x = jax.device_put(jax.numpy.zeros((rows, pipe.latent, pipe.latent, 4)), pipe.batch_sh)
-  t = jax.device_put(jax.numpy.full((rows,), 500.0), pipe.cond_sharding(1, 0))
+  x = jax.device_put(jax.numpy.zeros((rows,) + tuple(pipe.task.sample_shape)), pipe.batch_sh)
+  t = jax.device_put(jax.numpy.full((rows,), mid_t(pipe)), pipe.cond_sharding(1, 0))
 
   def jvp(p, x, t, c):
     f = lambda y: pipe.task.denoiser(p, cfg.objective.cfg_w)(y, t, c, True)[0]
     return jax.jvp(f, (x,), (x,))
   with jax.set_mesh(pipe.mesh):
     return flops(jax.jit(jvp).lower(pipe.ref_params, x, t, cond).compile()) / 1e9
+
+
+def mid_t(pipe) -> float:
+  """The middle of the schedule's t domain (timestep 500 on VP, 0.5 on the flow)."""
+  lo, hi = pipe.schedule.t_range
+  return round((lo + hi) / 2) if hi > 1 else (lo + hi) / 2
 
 
 def measure(pipe, cfg, which: str, repeats: int):
@@ -103,7 +112,7 @@ def measure(pipe, cfg, which: str, repeats: int):
 
 
 def config(args, method, k, accum=1, drs="drp", m=4):
-  cfg = get_config("tiny")
+  cfg = importlib.import_module(f"configs.{args.backbone}").get_config("tiny")
   cfg.align.grad_accum = accum
   cfg.align.fresh_ta_prompts = False   # the per-update programs measured here take one cond batch
   cfg.method = method
@@ -121,6 +130,7 @@ def config(args, method, k, accum=1, drs="drp", m=4):
 
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--backbone", default="sdxl", choices=("sdxl", "sd15", "pixart", "zimage"))
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--vae_width", type=int, default=32)
   p.add_argument("--resolution", type=int, default=64)
@@ -139,8 +149,8 @@ def main():
   base = config(args, "didr", 2)
   pipe = T2I(base)
   nparams = sum(x.size for x in jax.tree.leaves(pipe.ref_params))
-  print(f"device: {jax.devices()[0].platform} x {n}; UNet {nparams / 1e6:.2f}M params, latent "
-        f"{pipe.latent}x{pipe.latent}, batch {args.batch}", flush=True)
+  print(f"device: {jax.devices()[0].platform} x {n}; {args.backbone} network {nparams / 1e6:.2f}M "
+        f"params, latent {pipe.task.sample_shape}, batch {args.batch}", flush=True)
   rows.append(("ta step", "-", n, 1, measure(pipe, base, "ta_update", args.repeats)))
   for method in filter(None, args.methods.split(",")):
     variants = [("drp", "2")] if method != "didr" else [e.split(":") for e in args.estimators.split(",")]

@@ -8,7 +8,8 @@
 ``didr_jax.models.from_diffusers(folder, cache_dir=...)`` (a folder holding ``config.json`` and
 ``state/``) or a diffusers model folder (re-exported, e.g. to change dtype or merge shards).
 ``--workdir`` exports the generator (and its EMA) of a training checkpoint, the latest or
-``--step``, into ``<output>/unet[_ema]`` (default output ``<workdir>/export_step<N>``), on demand
+``--step``, into ``<output>/unet[_ema]`` or ``<output>/transformer[_ema]`` (the DiT backbones;
+default output ``<workdir>/export_step<N>``), on demand
 and while the run goes on (``didr_jax.pipelines.export_checkpoint``). From Python,
 ``didr_jax.models.to_diffusers(model, folder)`` exports a model in memory. The output loads with
 ``diffusers.<_class_name>.from_pretrained(folder)``.

@@ -20,8 +20,8 @@ def env(cache_dir: str, devices: int = 8) -> dict:
               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
 
-def command(workdir: str, method: str, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "didr_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={workdir}",
+def command(workdir: str, method: str, *extra: str, config: str = "configs/sdxl.py:tiny") -> list[str]:
+  return [sys.executable, "-m", "didr_jax.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.method={method}", *extra]
 
 
@@ -57,7 +57,8 @@ def exported(workdir: str, name: str = "unet") -> dict[str, np.ndarray]:
   return read_unet(os.path.join(workdir, "export", name))
 
 
-def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0, steps: int = 3):
+def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0, steps: int = 3,
+                        names=("unet", "unet_ema")):
   """Generator steps warmup+1..steps logged with finite losses (and ``keys``), a held-out eval, the
   last step's grid PNG and checkpoint, and generator + EMA exports."""
   rows = train_rows(workdir, method)
@@ -72,7 +73,7 @@ def assert_complete_run(workdir: str, method: str, keys=(), warmup: int = 0, ste
   for grid in (f"grid_{steps:06d}.png", f"grid_ema_{steps:06d}.png"):
     assert os.path.isfile(os.path.join(workdir, grid)), grid
   assert str(steps) in os.listdir(os.path.join(workdir, "checkpoints"))
-  for name in ("unet", "unet_ema"):
+  for name in names:
     assert exported(workdir, name), name
 
 
@@ -87,6 +88,27 @@ def assert_diffusers_loads_export(workdir: str):
     sd = model.state_dict()
     assert set(sd) == set(ours)
     np.testing.assert_array_equal(sd["conv_in.weight"].numpy(), ours["conv_in.weight"])
+
+
+def assert_runs_equal(workdir_a: str, workdir_b: str, method: str, names=("unet", "unet_ema")):
+  """Two runs' exports equal bit for bit, and their last training rows (but the time) too."""
+  for name in names:
+    a, b = exported(workdir_a, name), exported(workdir_b, name)
+    assert set(a) == set(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
+  rows_a, rows_b = train_rows(workdir_a, method), train_rows(workdir_b, method)
+  last = max(rows_b)
+  assert ({k: v for k, v in rows_a[last].items() if k != "time"} ==
+          {k: v for k, v in rows_b[last].items() if k != "time"})
+
+
+def export_on_demand(workdir: str, out: str, step: int):
+  """``python -m didr_jax.export --workdir --step --output`` run to completion."""
+  proc = subprocess.run([sys.executable, "-m", "didr_jax.export", f"--workdir={workdir}",
+                         f"--step={step}", f"--output={out}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def checkpoint_arrays(workdir: str, step: int) -> dict[str, np.ndarray]:

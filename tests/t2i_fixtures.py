@@ -58,8 +58,10 @@ def real_config(tmp_path, *, reference=None, generator="", reward=None, prompts=
   root = str(tmp_path / "ref")
   unet_cfg = dict(tiny.unet_config("sdxl").to_dict(), **(unet_extra or {}))
   files = {"unet/config.json": unet_cfg, "vae/config.json": tiny.vae_config("sdxl").to_dict(),
-           "text_encoder/config.json": {}, "text_encoder_2/config.json": {},
-           "tokenizer/vocab.json": {}, "tokenizer_2/vocab.json": {}}
+           "text_encoder/config.json": {"model_type": "clip_text_model"},
+           "text_encoder_2/config.json": {"model_type": "clip_text_model"},
+           "tokenizer/vocab.json": {}, "tokenizer_2/vocab.json": {},
+           "tokenizer/merges.txt": {}, "tokenizer_2/merges.txt": {}}
   for name, content in files.items():
     os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
     with open(os.path.join(root, name), "w") as f:

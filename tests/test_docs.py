@@ -22,7 +22,8 @@ PENDING_FIELDS = set()
 
 # Every config file in configs/ is loaded with its default and these variants; a field named in
 # the docs must exist in at least one of them.
-VARIANTS = {"toy": ("fast",), "sdxl": ("tiny",), "sd15": ("tiny",), "digits": ("fast",)}
+VARIANTS = {"toy": ("fast",), "sdxl": ("tiny",), "sd15": ("tiny",), "pixart": ("tiny",),
+            "zimage": ("tiny",), "digits": ("fast",)}
 CONFIGS = tuple((f"configs/{name}", ("",) + VARIANTS.get(name[:-3], ()))
                 for name in sorted(os.listdir(os.path.join(ROOT, "configs"))) if name.endswith(".py"))
 
@@ -36,6 +37,10 @@ COMMANDS = {
         "tests/test_t2i_cli.py::test_sigterm_saves_and_exits_zero_then_reruns_resume",
     "python -m didr_jax.main --config=configs/sd15.py:tiny --workdir=runs/tiny15":
         "tests/test_t2i_pipeline.py::test_sd15_tiny_generator_reward_and_uncond",  # in-process
+    "python -m didr_jax.main --config=configs/pixart.py:tiny --workdir=runs/tiny-pixart":
+        "tests/test_t2i_dit_cli.py::test_resume_after_sigterm_equals_uninterrupted_run",
+    "python -m didr_jax.main --config=configs/zimage.py:tiny --workdir=runs/tiny-zimage":
+        "tests/test_t2i_dit_cli.py::test_resume_after_sigterm_equals_uninterrupted_run",
     "python -m didr_jax.main --config=configs/digits.py:fast":
         "tests/test_digits_cli.py::test_rerun_resumes_the_interrupted_runs",
     "python -m didr_jax.sample --workdir=runs/tiny --prompts=prompts.txt --images_per_prompt=2 "

@@ -8,8 +8,6 @@ the first run's persistent compilation cache. The generator of any saved step ex
 """
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -67,13 +65,7 @@ def test_diffusers_loads_the_export(runs):
 
 def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(runs):
   resumed, straight, _ = runs
-  for name in ("unet", "unet_ema"):
-    a, b = t2i_cli.exported(resumed, name), t2i_cli.exported(straight, name)
-    assert set(a) == set(b)
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
-  ra, rb = t2i_cli.train_rows(resumed, "didr")[3], t2i_cli.train_rows(straight, "didr")[3]
-  assert {k: v for k, v in ra.items() if k != "time"} == {k: v for k, v in rb.items() if k != "time"}
+  t2i_cli.assert_runs_equal(resumed, straight, "didr")
 
 
 def test_export_on_demand_from_a_checkpoint(runs, tmp_path):
@@ -84,10 +76,7 @@ def test_export_on_demand_from_a_checkpoint(runs, tmp_path):
   from didr_jax.training.checkpoint import CheckpointNotFoundError
   _, straight, _ = runs
   out = str(tmp_path / "on_demand")
-  proc = subprocess.run([sys.executable, "-m", "didr_jax.export", f"--workdir={straight}", "--step=3",
-                         f"--output={out}"], cwd=t2i_cli.ROOT, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  t2i_cli.export_on_demand(straight, out, 3)
   for name in ("unet", "unet_ema"):
     a = t2i_cli.read_unet(os.path.join(out, name))
     b = t2i_cli.exported(straight, name)

@@ -233,7 +233,7 @@ def test_sd15_tiny_generator_reward_and_uncond():
   cfg = get_config("tiny")
   cfg.data.precompute_embeddings = True
   pipe = T2I(cfg)
-  assert pipe.unet_graph is not None and cfg.model.label_t == 999
+  assert pipe.net_graph is not None and cfg.model.label_t == 999
   cond, z = pipe.eval_inputs(cfg.eval.prompts, 0)
   assert set(cond) == {"context", "reward_ids"}
   images, rewards = pipe.eval_fn()(pipe.gen_init, pipe.frozen(), cond, z)

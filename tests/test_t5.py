@@ -11,6 +11,7 @@ import pytest
 
 # torch through clip_torch_env: its torchvision workaround runs before transformers is imported
 from tests.clip_torch_env import torch  # noqa: I001
+from tests.text_fixtures import write_t5_tokenizer
 from transformers import T5Config, T5EncoderModel as HFT5EncoderModel, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -300,36 +301,11 @@ def test_config_from_hf_and_validation(folders):
     T5EncoderModel(T5EncoderConfig(**fields), rngs=nnx.Rngs(0), attention="cudnn")
 
 
-WORDS = ("a", "photo", "of", "cat", "dog", "red", "the", "on", "mat")
-
-
-def _tiny_tokenizer(folder):
-  """A T5-style Unigram tokenizer built with the tokenizers library (as transformers' T5 builds it)."""
-  from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-  from tokenizers.models import Unigram
-  vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-  vocab += [("▁" + w, -1.0 - 0.1 * i) for i, w in enumerate(WORDS)]
-  vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-  tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
-  meta = dict(replacement="▁", prepend_scheme="always", split=True)
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                               pre_tokenizers.Metaspace(**meta)])
-  tok.decoder = decoders.Metaspace(**meta)
-  tok.post_processor = processors.TemplateProcessing(single=["$A", "</s>"],
-                                                     special_tokens=[("</s>", 1)])
-  os.makedirs(folder, exist_ok=True)
-  tok.save(os.path.join(folder, "tokenizer.json"))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>",
-               "unk_token": "<unk>", "extra_ids": 0}, f)
-  return tok
-
-
 def test_tokenizer_matches_pixart_and_feeds_the_encoder(folders, tmp_path):
   """lower().strip(), </s> appended (kept when truncating), <pad> to 120, mask = real tokens; the
   ids then give transformers' outputs at PixArt's length."""
   folder = str(tmp_path / "tok")
-  raw = _tiny_tokenizer(folder)
+  raw = write_t5_tokenizer(folder)
   prompts = ["  A Photo of a CAT  ", "the red dog on the mat xyz " * 30]
   ids, mask = t5_tokenize.load_t5_tokenizer(folder)(prompts)
   assert ids.shape == mask.shape == (2, 120) and ids.dtype == mask.dtype == np.int32

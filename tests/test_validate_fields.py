@@ -84,3 +84,14 @@ def test_toy_monotone_generator_needs_1d():
   validate(cfg)
   cfg.toy.means = ((-2.0, 0.0), (2.0, 0.0))
   _expect_one_line(validate, cfg, "generator.kind")
+
+
+def test_t2i_dit_tiny_prompt_longer_than_its_towers_read():
+  from configs.zimage import get_config
+  from didr_jax.pipelines.validate import validate
+  cfg = get_config("tiny")
+  validate(cfg)
+  _set(cfg, "tiny.prompts", ("a cat", " ".join(["word"] * 16)))
+  with pytest.raises(ConfigError, match=r"^config\.tiny\.prompts: prompt 1 .* has 17 tokens; the "
+                                        r"qwen3 tokenizer keeps 16 "):
+    validate(cfg)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from configs import sd15, sdxl
 from didr_jax.diffusion import Schedule
-from didr_jax.pipelines import experiment
+from didr_jax.pipelines import backbones, experiment
 from didr_jax.pipelines.conditioning import PromptEncoder
 from didr_jax.pipelines.t2i import T2I
 from didr_jax.training import state as st
@@ -104,12 +104,12 @@ def t2i_task(backbone, graph, **model):
   for k, v in model.items():
     setattr(cfg.model, k, v)
   pipe = T2I.__new__(T2I)
-  pipe.cfg, pipe.schedule, pipe.unet_graph, pipe.latent = cfg, SCHED, graph, SHAPE[0]
-  if backbone == "sdxl":
-    pipe.encoder = PromptEncoder("sdxl", [], None, resolution=16, dtype=jnp.float32, block=1)
-  else:   # the SD1.5 encoder's unconditional input is its stored encoding of ""
-    pipe.encoder = PromptEncoder.__new__(PromptEncoder)
-    pipe.encoder.backbone, pipe.encoder.empty = "sd15", jnp.asarray(EMPTY)
+  pipe.cfg, pipe.schedule, pipe.net_graph, pipe.latent = cfg, SCHED, graph, SHAPE[0]
+  pipe.backbone = backbones.get(backbone)
+  # the SD1.5 encoder's unconditional input is its stored encoding of "" (no tower is called)
+  empty = None if backbone == "sdxl" else {"context": jnp.asarray(EMPTY)}
+  pipe.encoder = PromptEncoder(backbone, [], None, resolution=16, dtype=jnp.float32, block=1,
+                               empty=empty)
   return pipe._task(), cfg
 
 

@@ -158,13 +158,18 @@ def restore_state(entry: str, abstract_state):
   return abstract_state
 
 
-def load_tensors(folder: str, class_name: str, cfg):
-  """The folder's tensors by diffusers key; scanned blocks as lazily stacked ``<stack>.*.`` keys."""
+def prepare_tensors(tensors: dict, class_name: str, cfg, what: str) -> dict:
+  """Diffusers-named tensors as the mapping table reads them: legacy keys fixed, scanned blocks
+  as lazily stacked ``<stack>.*.`` keys."""
   kind = KINDS[class_name]
-  tensors = read_weights_folder(folder, WEIGHTS_STEM)
   if kind.fix_keys:
     tensors = kind.fix_keys(tensors)
-  return stack_layers(tensors, kind.stacked(cfg), what=folder) if kind.stacked else tensors
+  return stack_layers(tensors, kind.stacked(cfg), what=what) if kind.stacked else tensors
+
+
+def load_tensors(folder: str, class_name: str, cfg):
+  """The folder's tensors by diffusers key, prepared (``prepare_tensors``)."""
+  return prepare_tensors(read_weights_folder(folder, WEIGHTS_STEM), class_name, cfg, folder)
 
 
 def from_diffusers(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,

@@ -1,18 +1,14 @@
-"""Config groups shared by ``configs/sdxl.py`` and ``configs/sd15.py`` (docs/method.md section 6).
+"""Config groups shared by ``configs/{sdxl,sd15,pixart,zimage}.py`` (docs/method.md section 6).
 
-The real run reads a diffusers folder of the reference, a generator UNet (folder or safetensors),
-a reward and a prompt file; ``tiny`` builds random tiny models in memory (CI on CPU).
+The real run reads a diffusers folder of the reference, a generator network (folder or
+safetensors), a reward and a prompt file; ``tiny`` builds random tiny models in memory (CI on CPU).
+Backbone defaults live in ``pipelines.backbones.BACKBONES``.
 """
 from __future__ import annotations
 
 from ml_collections import config_dict
 
-BACKBONES = {
-    # label timestep of the one-step generator (docs/method.md section 6), image size
-    # cfg_w (augmented): 7.5 for SDXL (DI*, DMD2); SD1.5: DMD2's guidance 1.75 = 1 + 0.75
-    "sdxl": dict(label_t=399, resolution=1024, cfg_w=7.5),
-    "sd15": dict(label_t=999, resolution=512, cfg_w=0.75),
-}
+from didr_jax.pipelines.backbones import BACKBONES
 
 
 def _optimizer(lr):
@@ -26,7 +22,8 @@ def base_config(backbone: str, variant: str):
     raise ValueError(f"backbone {backbone!r} unknown; choose one of {sorted(BACKBONES)}")
   if variant not in ("run", "tiny"):
     raise ValueError(f"configs/{backbone}.py: variant {variant!r} unknown; use '' (real run) or 'tiny'")
-  b = BACKBONES[backbone]
+  bb = BACKBONES[backbone]
+  b = bb.defaults
   c = config_dict.ConfigDict()
   c.experiment = "t2i"
   c.backbone = backbone
@@ -35,16 +32,18 @@ def base_config(backbone: str, variant: str):
   c.method = "didr"                       # di | dipp | distar | didr
 
   c.model = config_dict.ConfigDict()
-  c.model.reference = ""                  # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ (+ _2 for sdxl)
-  c.model.generator = ""                  # UNet folder (config.json + safetensors) or one .safetensors; "" = reference UNet
-  c.model.label_t = b["label_t"]          # generator = UNet(z * input_scale, label_t) read out as x0
+  c.model.reference = ""                  # diffusers folder: unet/ or transformer/, vae/, text_encoder/, tokenizer/ (+ _2 for sdxl)
+  c.model.generator = ""                  # network folder (config.json + safetensors) or one .safetensors; "" = the reference's
+  c.model.label_t = b["label_t"]          # generator = network(z * input_scale, label_t) read out as x0
   c.model.input_scale = 1.0               # DMD2: unscaled z
   c.model.dtype = "bfloat16"              # UNet activations
   c.model.param_dtype = "float32"         # master weights
   c.model.vae_dtype = "float32"           # SDXL VAE decode in fp32 (overflows in fp16)
   c.model.attention = "xla"
-  c.model.remat = "full"                  # per UNet block
+  c.model.remat = "full"                  # per UNet block / DiT layer
   c.model.cache_dir = ""                  # orbax cache of converted weights ("" = off)
+  if bb.flow:
+    c.model.time_shift = bb.schedule.shift  # rectified flow: sigma = s t / (1 + (s - 1) t)
 
   c.reward = config_dict.ConfigDict()
   c.reward.name = "pickscore"             # see didr_jax.rewards.REWARD_NAMES
@@ -86,8 +85,8 @@ def base_config(backbone: str, variant: str):
   c.align.fresh_ta_prompts = True         # each TA update its own prompt batch, as DMD2 (False: the step's)
   c.align.ta_warmup_steps = 300           # first outer steps: TA updates only (catch up with a distilled generator)
   c.align.grad_accum = 1                  # microbatches per update (same gradient, less activation memory)
-  c.align.ta_t_range = (0, 999)
-  c.align.gen_t_range = (20, 980)
+  c.align.ta_t_range = b["ta_t_range"]    # in the schedule's t: timesteps (VP), [0, 1] (flow)
+  c.align.gen_t_range = b["gen_t_range"]
   c.align.ema_decay = 0.999
   c.align.gen_optimizer = _optimizer(1e-6)
   c.align.ta_optimizer = _optimizer(2e-6)

@@ -1,7 +1,8 @@
 """The text-to-image alignment run: build, restore or init, AOT-compile, train, evaluate, export.
 
 Outputs in the workdir: config.json, metrics.jsonl, tb/, grid_<step>.png (fixed prompts and seeds),
-checkpoints/ (full TrainState; the data position is the step), export/unet[_ema] (diffusers).
+checkpoints/ (full TrainState; the data position is the step), export/<unet|transformer>[_ema]
+(diffusers).
 """
 from __future__ import annotations
 
@@ -158,13 +159,13 @@ def write_grid(path: str, images: np.ndarray, cols: int = 4):
   return grid
 
 
-def export_unets(unet_graph, trees: dict, folder: str, dtype=np.float32) -> list[str]:
-  """{name: UNet params} -> diffusers folders ``folder/<name>``. Every process gathers the params;
+def export_networks(net_graph, trees: dict, folder: str, dtype=np.float32) -> list[str]:
+  """{name: network params} -> diffusers folders ``folder/<name>``. Every process gathers the params;
   process 0 writes each folder under ``<name>.partial`` and renames it when complete, so a crash
   never leaves a half-written export in place."""
   out = []
   for name, params in trees.items():
-    model = nnx.merge(unet_graph, jax.tree.map(sharding.to_host, params))
+    model = nnx.merge(net_graph, jax.tree.map(sharding.to_host, params))
     if jax.process_index() == 0:
       final = os.path.join(folder, name)
       partial = final + ".partial"
@@ -177,11 +178,13 @@ def export_unets(unet_graph, trees: dict, folder: str, dtype=np.float32) -> list
 
 
 def export(pipe: T2I, state, workdir: str, with_ema: bool) -> list[str]:
-  """Generator (and EMA) UNets as diffusers folders under workdir/export/."""
-  trees = {"unet": state.gen_params}
+  """Generator (and EMA) networks as diffusers folders under workdir/export/ (``unet`` or
+  ``transformer``, as the backbone's pipeline names its denoiser; ``_ema`` for the EMA)."""
+  name = pipe.backbone.network_folder
+  trees = {name: state.gen_params}
   if with_ema and state.gen_ema is not None:
-    trees["unet_ema"] = state.gen_ema
-  return export_unets(pipe.unet_graph, trees, os.path.join(workdir, "export"))
+    trees[f"{name}_ema"] = state.gen_ema
+  return export_networks(pipe.net_graph, trees, os.path.join(workdir, "export"))
 
 
 def run(cfg, workdir: str) -> dict:

@@ -126,6 +126,9 @@ def abstract_parts(cfg, mesh, rules) -> dict:
   from didr_jax.models.vae import VAEConfig
   from didr_jax.pipelines import tiny
   m, b = cfg.model, cfg.backbone
+  if b not in ("sdxl", "sd15"):
+    raise PlanError(f"config.backbone: {b!r}: the compile plan builds UNet backbones (sdxl, sd15) "
+                    "so far; the DiT backbones have no shipped full-size configs in it yet")
   if cfg.variant == "tiny":
     ucfg, vcfg, tokens = tiny.unet_config(b, cfg.tiny.width), tiny.vae_config(b, cfg.tiny.vae_width), tiny.TOKENS
   else:
@@ -133,7 +136,7 @@ def abstract_parts(cfg, mesh, rules) -> dict:
     vcfg = VAEConfig.from_dict(model_configs.load(f"{b}_vae"))
     tokens = 77
   kw = dict(param_dtype=DTYPES[m.param_dtype], attention=m.attention, remat=m.remat, mesh=mesh, rules=rules)
-  unet_graph, ref = abstract_for("UNet2DConditionModel", ucfg, dtype=DTYPES[m.dtype], **kw)
+  net_graph, ref = abstract_for("UNet2DConditionModel", ucfg, dtype=DTYPES[m.dtype], **kw)
   vae_graph, vae = abstract_for("AutoencoderKL", vcfg, dtype=DTYPES[m.vae_dtype], **kw)
   reward = _reward(cfg, mesh)
   rows = {"context": ((tokens, ucfg.cross_attention_dim), DTYPES[m.dtype])}
@@ -142,8 +145,8 @@ def abstract_parts(cfg, mesh, rules) -> dict:
     rows.update(pooled=((pooled,), jnp.float32), time_ids=((6,), jnp.float32))
   if reward.tokenizer is not None:
     rows["reward_ids"] = ((reward.tokenizer.max_length,), jnp.int32)
-  empty = None if b == "sdxl" else jnp.zeros(rows["context"][0], rows["context"][1])
-  return dict(unet_graph=unet_graph, ref=ref, vae_graph=vae_graph, vae=vae, vae_config=vcfg, towers=[],
+  empty = None if b == "sdxl" else {"context": jnp.zeros(rows["context"][0], rows["context"][1])}
+  return dict(net_graph=net_graph, ref=ref, vae_graph=vae_graph, vae=vae, vae_config=vcfg, towers=[],
               reward=reward, gen=None, empty=empty, cond_rows=rows)
 
 

@@ -2,7 +2,8 @@
 the multi-step reference (the "teacher" column of the papers' tables).
 
 Seed rule (pinned): the latent noise of prompt index ``i`` and seed ``s`` is
-``jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(s), i), (h, w, 4))`` in float32, a
+``jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(s), i), (h, w, c))`` in float32 (c the
+backbone's latent channels), a
 function of the pair alone, so the images do not depend on the batch, the device count or which
 files already exist. ``--images_per_prompt=N`` means seeds 0..N-1.
 
@@ -25,16 +26,15 @@ import numpy as np
 from flax import nnx
 
 from didr_jax import log, sharding
-from didr_jax.diffusion import Schedule, ddim_sample
+from didr_jax.diffusion import ddim_sample
 from didr_jax.errors import ConfigError
 from didr_jax.models.layers import DTYPES
-from didr_jax.pipelines import t2i
+from didr_jax.pipelines import backbones, t2i
 from didr_jax.pipelines.conditioning import PromptEncoder
 from didr_jax.training.task import Task
 
-NOISE_RULE = "normal(fold_in(PRNGKey(seed), prompt_index), (h, w, 4)), float32"
+NOISE_RULE = "normal(fold_in(PRNGKey(seed), prompt_index), (h, w, c)), float32"
 NUM_TRAIN_TIMESTEPS = 1000
-DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}   # diffusers' pipeline defaults
 
 
 class SampleError(ConfigError):
@@ -56,11 +56,15 @@ def plan(num_prompts: int, seeds: Sequence[int]) -> list[Item]:
   return [Item(i, int(s)) for i in range(num_prompts) for s in seeds]
 
 
-def teacher_timesteps(steps: int) -> np.ndarray:
-  """diffusers' "leading" spacing with steps_offset 1 (the SD / SDXL scheduler configs):
-  t_j = j * (1000 // steps) + 1, decreasing."""
+def teacher_timesteps(steps: int, flow: bool = False) -> np.ndarray:
+  """VP: diffusers' "leading" spacing with steps_offset 1 (the SD / SDXL scheduler configs),
+  t_j = j * (1000 // steps) + 1, decreasing. Flow: FlowMatchEulerDiscreteScheduler's
+  t = linspace(1, 1/steps, steps) (the schedule applies the time shift); the last D is x0, which
+  is its final Euler step to sigma = 0."""
   if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
     raise SampleError(f"--teacher_steps={steps}: expected 1..{NUM_TRAIN_TIMESTEPS}")
+  if flow:
+    return np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
   return (np.arange(steps) * (NUM_TRAIN_TIMESTEPS // steps) + 1)[::-1].astype(np.float32)
 
 
@@ -88,7 +92,8 @@ class Source:
 
 
 def guidance_scale(cfg, src: Source) -> float:
-  g = src.guidance_scale if src.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.backbone]
+  g = (src.guidance_scale if src.guidance_scale is not None else
+       backbones.get(cfg.backbone).defaults["sample_guidance"])
   return float(g)
 
 
@@ -106,7 +111,7 @@ def check_source(src: Source, cfg) -> dict:
   if src.ema and cfg.align.ema_decay <= 0:
     raise SampleError(f"--ema: the run {src.workdir} keeps no EMA (align.ema_decay = {cfg.align.ema_decay})")
   if src.workdir is None and not src.teacher_steps and not src.generator:
-    raise SampleError("--generator: give a diffusers UNet folder or .safetensors file (or --workdir, "
+    raise SampleError("--generator: give a diffusers network folder or .safetensors file (or --workdir, "
                       "or --teacher_steps)")
   if src.generator and src.workdir is not None:
     raise SampleError("--generator: not with --workdir (which samples the run's own generator)")
@@ -118,7 +123,7 @@ def check_source(src: Source, cfg) -> dict:
   step = None
   if src.teacher_steps:
     model = (f"tiny reference (seed {cfg.seed})" if cfg.variant == "tiny" else
-             os.path.abspath(os.path.join(cfg.model.reference, "unet")))
+             os.path.abspath(os.path.join(cfg.model.reference, backbones.get(cfg.backbone).network_folder)))
   elif src.workdir is not None:
     from didr_jax.training.checkpoint import available_steps
     steps = available_steps(os.path.join(src.workdir, "checkpoints"))
@@ -154,7 +159,7 @@ class Sampler:
     self.rules = sharding.get_rules(cfg.mesh.rules)
     local = [d for d in devices if d.process_index == jax.process_index()]
     text_mesh = sharding.make_mesh((1, 1, 1), devices=local[:1])
-    m, sdxl = cfg.model, cfg.backbone == "sdxl"
+    m, b = cfg.model, backbones.get(cfg.backbone)
     if cfg.variant == "tiny":
       from didr_jax.pipelines import tiny
       parts = tiny.build(cfg.backbone, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
@@ -167,22 +172,22 @@ class Sampler:
     self.latent = cfg.data.resolution // t2i.vae_factor(parts["vae_config"])
     self.encoder = PromptEncoder(cfg.backbone, parts["towers"], None, resolution=cfg.data.resolution,
                                  dtype=DTYPES[m.dtype], block=batch // jax.process_count())
-    self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")
+    self.schedule = b.make_schedule(cfg)
     self.graph, self.params = self._network(parts)
-    apply = t2i.unet_apply(self.graph, sdxl)
-    shape = (self.latent, self.latent, 4)
+    apply = backbones.network_apply(b, self.graph, self.schedule)
+    shape = (self.latent, self.latent, b.latent_channels)
     if src.teacher_steps:
       self.guidance_scale = guidance_scale(cfg, src)
-      task = Task(schedule=self.schedule, prediction="eps", sample_shape=shape, generator_apply=None,
+      task = Task(schedule=self.schedule, prediction=b.prediction, sample_shape=shape, generator_apply=None,
                   network_apply=apply, reward_apply=None, ta_t_range=(), gen_t_range=(),
                   uncond=self.encoder.uncond)
-      ts = jnp.asarray(teacher_timesteps(src.teacher_steps))
+      ts = jnp.asarray(teacher_timesteps(src.teacher_steps, b.flow))
 
-      def latents(params, z, cond):   # augmented CFG w = g - 1 is diffusers' guidance_scale g
-        denoise = task.denoiser(params, self.guidance_scale - 1.0)
+      def latents(params, z, cond):   # the pipeline's guidance g as our augmented w
+        denoise = task.denoiser(params, self.guidance_scale - b.guidance_offset)
         return ddim_sample(lambda x, t, c: denoise(x, t, c, True), z, ts, self.schedule, cond)
     else:
-      latents = t2i.one_step_x0(apply, self.schedule, float(m.label_t), float(m.input_scale))
+      latents = t2i.one_step_x0(apply, self.schedule, b.prediction, float(m.label_t), float(m.input_scale))
 
     def images(params, vae, cond, prompt_index, seed):
       z = jax.lax.with_sharding_constraint(noise(prompt_index, seed, shape), self.batch_sh)
@@ -194,20 +199,21 @@ class Sampler:
   def _network(self, parts):
     """(graph, params) of the network to sample."""
     cfg, src, m = self.cfg, self.src, self.cfg.model
+    b = backbones.get(cfg.backbone)
     kw = dict(t2i.model_kwargs(cfg, self.mesh, self.rules), attention="xla", remat="none", cache_dir=None)
     if src.teacher_steps:
       if cfg.variant == "tiny":
-        return parts["unet_graph"], parts["ref"]
+        return parts["net_graph"], parts["ref"]
       from didr_jax.models.diffusers_loading import from_diffusers
-      return nnx.split(from_diffusers(os.path.join(m.reference, "unet"), **kw))
-    from didr_jax.pipelines.export_checkpoint import abstract_generator, generator_unet_config
+      return nnx.split(from_diffusers(os.path.join(m.reference, b.network_folder), **kw))
+    from didr_jax.pipelines.export_checkpoint import abstract_generator, generator_config
     if src.workdir is not None:
       from didr_jax.training.checkpoint import restore_fields
       graph, like = abstract_generator(cfg, self.mesh)
       field = "gen_ema" if src.ema else "gen_params"
       _, trees = restore_fields(os.path.join(src.workdir, "checkpoints"), {field: like}, src.step)
       return graph, trees[field]
-    return t2i.load_generator(src.generator, generator_unet_config(cfg), kw)
+    return t2i.load_generator(src.generator, b.network_class, generator_config(cfg), kw)
 
   def batch_images(self, prompts: Sequence[str], items: Sequence[Item]) -> np.ndarray:
     """uint8 [batch, H, W, 3] of one global batch of items (every process passes all of them)."""

@@ -1,8 +1,8 @@
-"""The text-to-image Task: UNets (generator, reference, TA), VAE, text encoders and a reward.
+"""The text-to-image Task: denoisers (generator, reference, TA), VAE, text encoders and a reward.
 
-generator(z, c) = x0 of UNet_gen(input_scale * z, label_t, c) (eps -> x0 in float32);
-reference/TA = UNet(x_t, t, c) with eps prediction on the scaled_linear VP schedule;
-reward(x0, c) = r(clip(VAE.decode(x0 / scaling_factor), -1, 1), prompt ids) in float32.
+generator(z, c) = x0 read out from the network at label_t on input_scale * z (float32);
+reference/TA = the backbone's network (UNet or DiT) on its schedule (pipelines.backbones);
+reward(x0, c) = r(clip(VAE.decode(unscaled x0), -1, 1), prompt ids) in float32.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax import log, sharding
-from didr_jax.diffusion import Schedule
+from didr_jax.diffusion.parameterization import to_denoiser
 from didr_jax.models.layers import DTYPES
 from didr_jax.objectives import variance_table
+from didr_jax.pipelines import backbones
 from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
 from didr_jax.training.task import Task
 
@@ -27,21 +28,32 @@ def model_kwargs(cfg, mesh, rules) -> dict:
               attention=m.attention, remat=m.remat, cache_dir=m.cache_dir or None)
 
 
+def load_tokenizer(family: str, folder: str):
+  """The prompt tokenizer of a text-encoder family, from local files."""
+  if family == "t5":
+    from didr_jax.text.t5_tokenize import load_t5_tokenizer
+    return load_t5_tokenizer(folder)
+  if family == "qwen3":
+    from didr_jax.text.qwen3_tokenize import load_qwen3_tokenizer
+    return load_qwen3_tokenizer(folder)
+  from didr_jax.text import load_clip_tokenizer
+  return load_clip_tokenizer(folder)
+
+
 def load_vae_and_towers(cfg, mesh, rules, text_mesh) -> dict:
   """The reference's VAE and text towers from disk: dict(vae_graph, vae, vae_config, towers)."""
-  from didr_jax.models.clip_loading import from_transformers
+  from didr_jax.models import from_transformers, text_family
   from didr_jax.models.diffusers_loading import from_diffusers
-  from didr_jax.text import load_clip_tokenizer
   m, kw = cfg.model, model_kwargs(cfg, mesh, rules)
   vae = from_diffusers(os.path.join(m.reference, "vae"), **dict(kw, dtype=DTYPES[m.vae_dtype]))
   vae_graph, vae_params = nnx.split(vae)
   towers = []
-  names = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if cfg.backbone == "sdxl" else [])
-  for enc, tok in names:
-    model = from_transformers(os.path.join(m.reference, enc), dtype=DTYPES[m.dtype],
-                              mesh=text_mesh, rules=sharding.get_rules("replicated"))
+  for enc, tok in backbones.get(cfg.backbone).towers:
+    folder = os.path.join(m.reference, enc)
+    model = from_transformers(folder, dtype=DTYPES[m.dtype], mesh=text_mesh,
+                              rules=sharding.get_rules("replicated"))
     g, p = nnx.split(model)
-    towers.append((load_clip_tokenizer(os.path.join(m.reference, tok)), g, p))
+    towers.append((load_tokenizer(text_family(folder), os.path.join(m.reference, tok)), g, p))
   return dict(vae_graph=vae_graph, vae=vae_params, vae_config=vae.config, towers=towers)
 
 
@@ -60,25 +72,26 @@ def _load_real(cfg, mesh, rules, text_mesh):
   """Weights from disk (paths already checked by ``validate``)."""
   from didr_jax.models.diffusers_loading import from_diffusers
   m, kw = cfg.model, model_kwargs(cfg, mesh, rules)
-  unet = from_diffusers(os.path.join(m.reference, "unet"), **kw)
-  unet_graph, ref = nnx.split(unet)
-  gen = load_generator(m.generator, unet.config, kw)[1] if m.generator else None
-  return dict(load_vae_and_towers(cfg, mesh, rules, text_mesh), unet_graph=unet_graph, ref=ref,
+  b = backbones.get(cfg.backbone)
+  net = from_diffusers(os.path.join(m.reference, b.network_folder), **kw)
+  net_graph, ref = nnx.split(net)
+  gen = load_generator(m.generator, b.network_class, net.config, kw)[1] if m.generator else None
+  return dict(load_vae_and_towers(cfg, mesh, rules, text_mesh), net_graph=net_graph, ref=ref,
               gen=gen, reward=load_reward(cfg, mesh))
 
 
-def load_generator(path: str, unet_config, kw):
-  """(graph, params) of a diffusers UNet folder, or of one safetensors file in diffusers naming
-  with architecture ``unet_config`` (the reference's)."""
-  from didr_jax.models.diffusers_loading import abstract_for, from_diffusers
-  from didr_jax.models.unet_mapping import unet_rules
+def load_generator(path: str, class_name: str, net_config, kw):
+  """(graph, params) of a diffusers model folder, or of one safetensors file in diffusers naming
+  with architecture ``net_config`` (the reference's) of class ``class_name``."""
+  from didr_jax.models.diffusers_loading import KINDS, abstract_for, from_diffusers, prepare_tensors
   from didr_jax.weights import load_state, read_safetensors
   if os.path.isdir(path):
     return nnx.split(from_diffusers(path, **kw))
-  graph, abs_state = abstract_for("UNet2DConditionModel", unet_config, dtype=kw["dtype"],
+  graph, abs_state = abstract_for(class_name, net_config, dtype=kw["dtype"],
                                   param_dtype=kw["param_dtype"], attention=kw["attention"],
                                   remat=kw["remat"], mesh=kw["mesh"], rules=kw["rules"])
-  return graph, load_state(abs_state, read_safetensors(path), unet_rules(unet_config), what=path)
+  tensors = prepare_tensors(read_safetensors(path), class_name, net_config, path)
+  return graph, load_state(abs_state, tensors, KINDS[class_name].rules(net_config), what=path)
 
 
 def vae_factor(vae_config) -> int:
@@ -86,24 +99,15 @@ def vae_factor(vae_config) -> int:
   return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
-def unet_apply(graph, sdxl: bool):
-  """(params, x, t, cond) -> the UNet's output (eps) in its compute dtype."""
-  def apply(p, x, t, c):
-    unet = nnx.merge(graph, p)
-    extra = dict(text_embeds=c["pooled"], time_ids=c["time_ids"]) if sdxl else {}
-    return unet(x.astype(unet.dtype), t, c["context"], **extra)
-  return apply
-
-
-def one_step_x0(network_apply, schedule, label_t: float, scale: float):
-  """(params, z, cond) -> x0 in float32: the eps network at time ``label_t`` on ``scale * z``,
-  read out as x0 = (x - s eps) / a."""
+def one_step_x0(network_apply, schedule, prediction: str, label_t: float, scale: float):
+  """(params, z, cond) -> x0 in float32: the network at time ``label_t`` on ``scale * z``, read
+  out as its denoiser D (eps: (x - s eps) / a; flow: x - s u at a + s = 1)."""
   def apply(p, z, c):
     t = jnp.full((z.shape[0],), label_t, jnp.float32)
     x_in = scale * z.astype(jnp.float32)
-    eps = network_apply(p, x_in, t, c).astype(jnp.float32)
+    out = network_apply(p, x_in, t, c).astype(jnp.float32)
     a, s = schedule.alpha_sigma(label_t)
-    return (x_in - s * eps) / a
+    return to_denoiser(out, x_in, a, s, prediction)[0]
   return apply
 
 
@@ -138,7 +142,8 @@ class T2I:
       parts["gen"] = None
     else:
       parts = _load_real(cfg, self.mesh, self.rules, self.text_mesh)
-    self.unet_graph, self.vae_graph = parts["unet_graph"], parts["vae_graph"]
+    self.backbone = backbones.get(cfg.backbone)
+    self.net_graph, self.vae_graph = parts["net_graph"], parts["vae_graph"]
     self.ref_params, self.vae_params = parts["ref"], parts["vae"]
     # generator = copy of the reference unless a one-step checkpoint is given
     self.gen_init = parts["gen"] if parts["gen"] is not None else parts["ref"]
@@ -149,7 +154,7 @@ class T2I:
                                  empty=parts.get("empty"))
     self._table = None  # (prompt-set fingerprint, host rows of every prompt) when precomputed
     self.latent = cfg.data.resolution // vae_factor(self.vae_config)
-    self.schedule = Schedule(kind="discrete_vp", betas="scaled_linear")
+    self.schedule = self.backbone.make_schedule(cfg)
     self.batch_sh = sharding.batch_sharding(self.mesh, 4)
     self.task = self._task()
 
@@ -158,10 +163,12 @@ class T2I:
 
   def _task(self) -> Task:
     cfg = self.cfg
-    network_apply = unet_apply(self.unet_graph, cfg.backbone == "sdxl")
-    return Task(schedule=self.schedule, prediction="eps", sample_shape=(self.latent, self.latent, 4),
-                generator_apply=one_step_x0(network_apply, self.schedule, float(cfg.model.label_t),
-                                            float(cfg.model.input_scale)),
+    network_apply = backbones.network_apply(self.backbone, self.net_graph, self.schedule)
+    b = self.backbone
+    return Task(schedule=self.schedule, prediction=b.prediction,
+                sample_shape=(self.latent, self.latent, b.latent_channels),
+                generator_apply=one_step_x0(network_apply, self.schedule, b.prediction,
+                                            float(cfg.model.label_t), float(cfg.model.input_scale)),
                 network_apply=network_apply, reward_apply=self.reward_apply,
                 ta_t_range=tuple(cfg.align.ta_t_range), gen_t_range=tuple(cfg.align.gen_t_range),
                 uncond=self.encoder.uncond)
@@ -218,7 +225,7 @@ class T2I:
     host = self.encoder.encode(list(prompts))
     cond = {k: jax.device_put(v, repl) for k, v in host.items()}
     z = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed),
-                                         (len(prompts), self.latent, self.latent, 4)), repl)
+                                         (len(prompts),) + tuple(self.task.sample_shape)), repl)
     return cond, z
 
   def variance_table(self, sampler, num_points: int = 64) -> dict:

@@ -36,6 +36,11 @@ class Qwen3PromptTokenizer:
     return self.hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=True)
 
+  def lengths(self, prompts: Sequence[str]) -> np.ndarray:
+    """Untruncated token counts of the rendered prompts (``max_length`` keeps the first ones)."""
+    out = self.hf([self.chat_text(p) for p in prompts], truncation=False)
+    return np.asarray([len(ids) for ids in out["input_ids"]], np.int64)
+
   def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(prompts, str):
       prompts = [prompts]

@@ -32,6 +32,12 @@ class T5PromptTokenizer:
     self.pad_token_id = hf_tokenizer.pad_token_id
     self.eos_token_id = hf_tokenizer.eos_token_id
 
+  def lengths(self, prompts: Sequence[str]) -> np.ndarray:
+    """Untruncated token counts, ``</s>`` included (``max_length`` keeps the first ones)."""
+    texts = [p.lower().strip() for p in prompts] if self.preprocess else list(prompts)
+    out = self.hf(texts, add_special_tokens=True, truncation=False)
+    return np.asarray([len(ids) for ids in out["input_ids"]], np.int64)
+
   def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(prompts, str):
       prompts = [prompts]
