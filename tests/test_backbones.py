@@ -32,6 +32,8 @@ from didr_jax.pipelines.sampling import teacher_timesteps
 from didr_jax.pipelines.t2i import T2I
 from didr_jax.training.task import Task
 
+pytestmark = pytest.mark.parity
+
 PROMPTS = ["a red cube", "a blue sphere on grass", "a cat", "a city at night in the rain",
            "an old map", "a bowl of fruit", "a sailing boat on a calm sea", "a green bird"]
 

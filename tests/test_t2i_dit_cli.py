@@ -47,6 +47,7 @@ def test_resume_after_sigterm_equals_uninterrupted_run(runs):
 
 
 @pytest.mark.long
+@pytest.mark.parity
 def test_diffusers_loads_the_export_and_it_computes_our_network(runs):
   """diffusers' class of the backbone loads export/transformer; on the same inputs it returns what
   our network (rebuilt from the same file) returns."""

@@ -327,8 +327,8 @@ class ZImageTransformer2DModel(nnx.Module):
     a = _angles(tables, img_ids)
     img_cs = (jnp.cos(a), jnp.sin(a))
     # The refiners are independent; a barrier orders the noise refiner after the context one so
-    # that every device meets their FSDP collectives in one order (XLA:CPU's runtime runs
-    # independent collectives concurrently and its simulated devices deadlock otherwise).
+    # that every device meets their FSDP collectives in one order (XLA:CPU runs independent
+    # collectives concurrently, and its simulated devices deadlocked otherwise: docs/models.md).
     img, cap = jax.lax.optimization_barrier((img, cap))
     img = _scan(self.noise_refiner, img, layer_args(img_cs, None, adaln), self.remat)
 
