@@ -6,6 +6,10 @@ import concurrent.futures
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+# ~70 s: the suite keeps the toy's threads-equal-sequential test (tests/test_toy_parallel.py)
+pytestmark = pytest.mark.long
 
 
 def test_runs_in_two_threads_equal_runs_in_one(tmp_path):
