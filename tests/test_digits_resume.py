@@ -1,11 +1,13 @@
 """Digits alignment on the real (tiny) UNet: a run checkpointed at step 2 and restored from disk
-by a new Checkpointer continues to step 4 bit for bit like the uninterrupted run."""
+by a new Checkpointer continues to step 4 bit for bit like the uninterrupted run (66 s: long tier)."""
 import jax
 import numpy as np
+import pytest
 
 from tests.toy_tiny import dump_state
 
 
+@pytest.mark.long
 def test_alignment_resume_equals_uninterrupted(tmp_path):
   from configs.digits import get_config
   from didr_jax.digits.phases import Aligner

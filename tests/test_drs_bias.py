@@ -59,7 +59,7 @@ def test_default_estimator_bias_per_bin(weighting, table):
   assert drp["ratio"][-1] > 4.0
 
 
-@pytest.mark.parametrize("reward", ["sigmoid", "step"])
+@pytest.mark.parametrize("reward", ["sigmoid", pytest.param("step", marks=pytest.mark.long)])
 def test_default_estimator_fixed_point_is_p_star(reward, table):
   """DIDR with an exact reference and TA and a flexible generator, driven by the estimator's mean,
   settles within 0.015 of P*(x > 0) with W1 <= 0.08 (the exact DRS reaches 0.8775 / 0.008 with the

@@ -1,6 +1,7 @@
 """Aligning the toy's methods two at a time (threads of one process) gives the same samples, bit for
-bit, as one at a time: each method's programs and keys are its own."""
+bit, as one at a time: each method's programs and keys are its own (an end-to-end run: long tier)."""
 import numpy as np
+import pytest
 
 from configs.toy import get_config
 from didr_jax.toy import experiment
@@ -28,6 +29,7 @@ def _tiny(parallel: int):
   return cfg
 
 
+@pytest.mark.long
 def test_two_at_a_time_equals_one_at_a_time(tmp_path):
   runs = {}
   for parallel in (1, 2):
