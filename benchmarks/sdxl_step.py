@@ -3,13 +3,15 @@ pipeline on a mid-size random model of a backbone (``--backbone``: sdxl, the def
 pixart, zimage; the DiTs have one tiny size, ``--width`` scales the UNets); DIDR with each DRS
 estimator (``--estimators``:
 drp at K = 1, 2, 4, snis at K x M, hybrid); per-device memory on 1 vs N devices (FSDP); 1-device
-memory with gradient accumulation (``--accums``).
+memory with gradient accumulation (``--accums``); LoRA rows next to full fine-tuning
+(``--lora_ranks``).
 
   python benchmarks/sdxl_step.py                       # CPU: 8 simulated devices
   python benchmarks/sdxl_step.py --width=64 --resolution=64 --batch=8
   python benchmarks/sdxl_step.py --methods= --accums=1,2,4    # only the TA and accumulation rows
   python benchmarks/sdxl_step.py --methods=di,dipp --estimators=drp:2,snis:2x4,snis:4x8
   python benchmarks/sdxl_step.py --backbone=zimage --resolution=64 --accums=
+  python benchmarks/sdxl_step.py --methods= --accums= --lora_ranks=8,32
 
 Peak memory = compiled argument + output + temp bytes per device (``memory_analysis``; aliased
 donated buffers counted once). XLA's cost analysis counts a loop body once, so the DIDR rows add
@@ -141,6 +143,8 @@ def main():
   p.add_argument("--estimators", default="drp:1,drp:2,drp:4,snis:2x4,snis:4x8,hybrid:4x8",
                  help="DIDR rows: drp:K, snis:KxM, hybrid:KxM")
   p.add_argument("--accums", default="1", help="grad_accum values of the 1-device didr K=2 rows")
+  p.add_argument("--lora_ranks", default="", help="LoRA ranks of the TA and didr K=2 rows next to "
+                 "full fine-tuning (generator and TA adapted)")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device dense peak, for MFU")
   args = p.parse_args()
   record = LoadRecord()
@@ -161,6 +165,13 @@ def main():
       rows.append((label, (k if m == 0 else f"{k}x{m}") if method == "didr" else "-", n, 1,
                    measure(pipe, cfg, "gen_update", args.repeats)))
       print(rows[-1], flush=True)
+  for r in (int(v) for v in filter(None, args.lora_ranks.split(","))):
+    cfg = config(args, "didr", 2)
+    cfg.model.lora.rank = r
+    adapted = T2I(cfg)
+    rows.append((f"ta step lora r={r}", "-", n, 1, measure(adapted, cfg, "ta_update", args.repeats)))
+    rows.append((f"gen step didr drp lora r={r}", 2, n, 1, measure(adapted, cfg, "gen_update", args.repeats)))
+    print(rows[-2], rows[-1], flush=True)
   one = T2I(base, devices=jax.devices()[:1])
   for m in (int(a) for a in filter(None, args.accums.split(","))):
     rows.append(("gen step didr drp", 2, 1, m, measure(one, config(args, "didr", 2, m), "gen_update",
@@ -176,7 +187,7 @@ def main():
   chain = {}
   for name, k, d, m, r in rows:
     extra = 0.0
-    if name == "gen step didr drp":
+    if name.startswith("gen step didr drp"):   # full fine-tuning and LoRA: the same reference calls
       extra = (k - 1) * drp_call[d]
     elif name.startswith("gen step didr") and isinstance(k, str):
       kk, mm = (int(v) for v in k.split("x"))

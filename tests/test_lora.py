@@ -25,7 +25,7 @@ def base():
   cfg = unet_config("sdxl")
   graph, params = create_random(lambda: UNet2DConditionModel(cfg, rngs=ShapeOnlyRngs()),
                                 sharding.single_device_mesh(), sharding.get_rules("replicated"), 0)
-  targets = lora.lora_targets(unet_rules(cfg))
+  targets = lora.lora_targets(unet_rules(cfg), lora.default_targets("UNet2DConditionModel"))
   return cfg, graph, params, targets
 
 
@@ -97,6 +97,7 @@ def test_only_the_adapters_receive_gradients(base):
     (lambda rules: lora.lora_targets(rules, []), r"model\.lora\.targets: empty"),
     (lambda rules: lora.check_rank(-1, 8.0), r"model\.lora\.rank: -1"),
     (lambda rules: lora.check_rank(4, 0.0), r"model\.lora\.alpha: 0\.0"),
+    (lambda rules: lora.default_targets("AutoencoderKL"), r"no adapters for 'AutoencoderKL'"),
 ])
 def test_bad_settings_name_the_field(call, field):
   with pytest.raises(lora.LoraError, match=field):
@@ -115,12 +116,13 @@ def test_diffusers_lora_loader_reproduces_our_adapted_unet(base, tmp_path):
   _, graph, params, targets = base
   to_diffusers(nnx.merge(graph, params), str(tmp_path / "unet"))
   adapters = _nonzero(lora.init_adapters(params, targets, RANK, jax.random.PRNGKey(0)))
-  path = lora.save_peft(str(tmp_path / "unet_lora"), adapters, targets, ALPHA / RANK)
+  prefix = lora.peft_prefix("UNet2DConditionModel")
+  path = lora.save_peft(str(tmp_path / "unet_lora"), adapters, targets, ALPHA / RANK, prefix)
   ours = np.asarray(jax.jit(lambda p: _forward(graph, p, _inputs()))(
       lora.merge(params, adapters, ALPHA / RANK)))
   tm = TorchUNet.from_pretrained(str(tmp_path / "unet")).eval()
   tm.load_lora_adapter({k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(path).items()},
-                       prefix="unet")
+                       prefix=prefix)
   x, t, ctx, extra = _inputs()
   inputs = dict(sample=np.asarray(x), timestep=np.asarray(t), encoder_hidden_states=np.asarray(ctx),
                 **{k: np.asarray(v) for k, v in extra.items()})

@@ -12,6 +12,7 @@ from flax import nnx
 
 from tests.clip_torch_env import torch  # noqa: I001  (before diffusers: torchvision workaround)
 from tests.torch_refs import nchw, nhwc, rel_err, torch_grad, torch_key_shapes
+from didr_jax import model_configs
 from didr_jax.models.diffusers_loading import ShapeOnlyRngs
 from didr_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from didr_jax.models import from_diffusers, to_diffusers
@@ -31,14 +32,7 @@ TINY = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num
 TINY_COND = {**TINY, "use_additional_conditions": True, "interpolation_scale": 2}
 # transformer/config.json of PixArt-alpha/PixArt-XL-2-1024-MS (a legacy Transformer2DModel
 # config: no use_additional_conditions, which diffusers derives as True from sample_size 128).
-XL_1024 = {"_class_name": "Transformer2DModel", "activation_fn": "gelu-approximate",
-           "attention_bias": True, "attention_head_dim": 72, "attention_type": "default",
-           "caption_channels": 4096, "cross_attention_dim": 1152, "double_self_attention": False,
-           "dropout": 0.0, "in_channels": 4, "norm_elementwise_affine": False, "norm_eps": 1e-6,
-           "norm_num_groups": 32, "norm_type": "ada_norm_single", "num_attention_heads": 16,
-           "num_embeds_ada_norm": 1000, "num_layers": 28, "num_vector_embeds": None,
-           "only_cross_attention": False, "out_channels": 8, "patch_size": 2, "sample_size": 128,
-           "upcast_attention": False, "use_linear_projection": False}
+XL_1024 = model_configs.load("pixart_transformer")   # PixArt-XL-2-1024-MS transformer/config.json
 TINY_KEYS = set(PixArtConfig.__dataclass_fields__)  # the fields PixArtTransformer2DModel takes
 
 

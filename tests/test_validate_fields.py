@@ -40,6 +40,24 @@ def test_t2i_field_is_named(field, value):
   _expect_one_line(validate, cfg, field)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("model.lora.rank", -1), ("model.lora.alpha", 0.0), ("model.lora.targets", ("to_q", "attn9.nowhere")),
+    ("model.lora.targets", ("conv_in",)), ("model.lora.targets", ()), ("model.lora.networks", ("vae",)),
+    ("model.lora.networks", ()),
+])
+@pytest.mark.parametrize("backbone", ["sdxl", "pixart", "zimage"])
+def test_t2i_lora_field_is_named(backbone, field, value):
+  """A LoRA setting is checked against the generator network's linear layers before anything is
+  built (convolutions take no adapters)."""
+  import importlib
+  from didr_jax.pipelines.validate import validate
+  cfg = importlib.import_module(f"configs.{backbone}").get_config("tiny")
+  _set(cfg, "model.lora.rank", 4)
+  validate(cfg)
+  _set(cfg, field, value)
+  _expect_one_line(validate, cfg, field)
+
+
 def test_t2i_distar_takes_plain_weighting():
   """DI* weights its terms by its own w(t) = s^2/a; the KL methods' dmd2 normaliser is refused,
   not ignored."""

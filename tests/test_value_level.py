@@ -105,7 +105,7 @@ def t2i_task(backbone, graph, **model):
     setattr(cfg.model, k, v)
   pipe = T2I.__new__(T2I)
   pipe.cfg, pipe.schedule, pipe.net_graph, pipe.latent = cfg, SCHED, graph, SHAPE[0]
-  pipe.backbone = backbones.get(backbone)
+  pipe.backbone, pipe.lora = backbones.get(backbone), None
   # the SD1.5 encoder's unconditional input is its stored encoding of "" (no tower is called)
   empty = None if backbone == "sdxl" else {"context": jnp.asarray(EMPTY)}
   pipe.encoder = PromptEncoder(backbone, [], None, resolution=16, dtype=jnp.float32, block=1,

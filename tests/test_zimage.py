@@ -18,7 +18,7 @@ from tests.clip_torch_env import torch
 from tests.torch_refs import torch_key_shapes
 from diffusers import ZImageTransformer2DModel as TorchZImage
 
-from didr_jax import sharding as shd
+from didr_jax import model_configs, sharding as shd
 from didr_jax.models.diffusers_loading import ShapeOnlyRngs
 from didr_jax.models import from_diffusers, to_diffusers
 from didr_jax.models.zimage import ZImageConfig, ZImageTransformer2DModel
@@ -38,11 +38,8 @@ TINY = {
                   axes_dims=[8, 4, 4], axes_lens=[100, 12, 12], rope_theta=100.0,
                   t_scale=500.0, norm_eps=1e-6),
 }
-# Written out from diffusers' __init__ defaults (test_full_size_* checks them against the class).
-FULL = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
-            n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
-            cap_feat_dim=2560, siglip_feat_dim=None, rope_theta=256.0, t_scale=1000.0,
-            axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+# The shipped full-size config (diffusers' __init__ defaults; test_full_size_* checks them against the class).
+FULL = {k: v for k, v in model_configs.load("zimage_transformer").items() if not k.startswith("_")}
 B, H, W, L, LENS = 2, 10, 12, 40, (40, 7)   # 5x6=30 image tokens -> 32; captions -> 64 and 32
 RTOL = 1e-5
 

@@ -6,14 +6,18 @@ diffusers / transformers folders hold them):
 
 * ``sdxl_unet`` / ``sdxl_vae``: stabilityai/stable-diffusion-xl-base-1.0 ``unet/`` and ``vae/``;
 * ``sd15_unet`` / ``sd15_vae``: runwayml/stable-diffusion-v1-5 ``unet/`` and ``vae/``;
-* ``pickscore_clip``: yuvalkirstain/PickScore_v1 (a CLIP ViT-H/14 ``CLIPModel``).
+* ``pickscore_clip``: yuvalkirstain/PickScore_v1 (a CLIP ViT-H/14 ``CLIPModel``);
+* ``pixart_transformer``: PixArt-alpha/PixArt-XL-2-1024-MS ``transformer/``;
+* ``zimage_transformer``: the Z-Image transformer (diffusers' ``ZImageTransformer2DModel`` defaults:
+  dim 3840, 30 layers, 2 + 2 refiner layers, caption width 2560).
 """
 from __future__ import annotations
 
 import json
 import os
 
-NAMES = ("sdxl_unet", "sdxl_vae", "sd15_unet", "sd15_vae", "pickscore_clip")
+NAMES = ("sdxl_unet", "sdxl_vae", "sd15_unet", "sd15_vae", "pickscore_clip", "pixart_transformer",
+         "zimage_transformer")
 
 
 def load(name: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from didr_jax.models.lora import default_targets
 from didr_jax.pipelines.backbones import BACKBONES
 
 
@@ -42,6 +43,10 @@ def base_config(backbone: str, variant: str):
   c.model.attention = "xla"
   c.model.remat = "full"                  # per UNet block / DiT layer
   c.model.cache_dir = ""                  # orbax cache of converted weights ("" = off)
+  # LoRA (docs/models.md "LoRA adapters"): rank 0 = full fine-tuning; adapters W + (alpha / rank) A B on the
+  # linear layers `targets` names (diffusers module names, PEFT style) of the `networks` that train
+  c.model.lora = config_dict.ConfigDict(dict(rank=0, alpha=8.0, targets=default_targets(bb.network_class),
+                                             networks=("generator", "ta")))
   if bb.flow:
     c.model.time_shift = bb.schedule.shift  # rectified flow: sigma = s t / (1 + (s - 1) t)
 

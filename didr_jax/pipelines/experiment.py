@@ -18,6 +18,7 @@ from flax import nnx
 
 from didr_jax import log, sharding
 from didr_jax.data import PromptSampler, load_prompts
+from didr_jax.models import lora
 from didr_jax.models.diffusers_loading import to_diffusers
 from didr_jax.objectives import ObjectiveConfig
 from didr_jax.objectives.generator import RATIO_PREFIX
@@ -114,11 +115,17 @@ def build_training(pipe: T2I, cfg) -> dict:
 
 
 def init_state(pipe: T2I, cfg, gen_tx, ta_tx):
+  gen, ta = pipe.initial_trainables()
   with sharding.model_context(pipe.mesh, pipe.rules):
-    copy = jax.jit(st.copy_tree)
-    return st.init_train_state(gen_params=copy(pipe.gen_init), ta_params=copy(pipe.ref_params),
-                               gen_tx=gen_tx, ta_tx=ta_tx, ema=cfg.align.ema_decay > 0,
-                               seed=cfg.seed + 7, mesh=pipe.mesh)
+    return st.init_train_state(gen_params=gen, ta_params=ta, gen_tx=gen_tx, ta_tx=ta_tx,
+                               ema=cfg.align.ema_decay > 0, seed=cfg.seed + 7, mesh=pipe.mesh)
+
+
+def abstract_state(pipe: T2I, cfg, gen_tx, ta_tx):
+  """The TrainState of the run as shapes with shardings, nothing allocated."""
+  gen, ta = pipe.abstract_trainables()
+  return st.abstract_train_state(gen_params=gen, ta_params=ta, gen_tx=gen_tx, ta_tx=ta_tx,
+                                 ema=cfg.align.ema_decay > 0, mesh=pipe.mesh)
 
 
 def restore_or_init_state(pipe: T2I, cfg, gen_tx, ta_tx, ckpt: Checkpointer):
@@ -126,9 +133,7 @@ def restore_or_init_state(pipe: T2I, cfg, gen_tx, ta_tx, ckpt: Checkpointer):
   one) a fresh state: never both alive at once."""
   if ckpt.latest_step() is None:
     return init_state(pipe, cfg, gen_tx, ta_tx)
-  like = st.abstract_train_state(gen_params=pipe.gen_init, ta_params=pipe.ref_params, gen_tx=gen_tx,
-                                 ta_tx=ta_tx, ema=cfg.align.ema_decay > 0, mesh=pipe.mesh)
-  return ckpt.restore(like)
+  return ckpt.restore(abstract_state(pipe, cfg, gen_tx, ta_tx))
 
 
 def check_finite(metrics, max_bad: int, step: int):
@@ -167,24 +172,53 @@ def export_networks(net_graph, trees: dict, folder: str, dtype=np.float32) -> li
   for name, params in trees.items():
     model = nnx.merge(net_graph, jax.tree.map(sharding.to_host, params))
     if jax.process_index() == 0:
-      final = os.path.join(folder, name)
-      partial = final + ".partial"
-      shutil.rmtree(partial, ignore_errors=True)
-      to_diffusers(model, partial, dtype=dtype)
-      shutil.rmtree(final, ignore_errors=True)
-      os.replace(partial, final)
-      out.append(final)
+      out.append(_replace_atomically(os.path.join(folder, name),
+                                     lambda d: to_diffusers(model, d, dtype=dtype)))
+  return out
+
+
+def _replace_atomically(final: str, write) -> str:
+  """``write(partial)`` into ``final + ".partial"``, then rename it onto ``final`` (process 0)."""
+  partial = final + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  write(partial)
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(partial, final)
+  return final
+
+
+def export_generator(net_graph, trees: dict, folder: str, *, lora_run=None, base=None,
+                     with_base: bool = False, dtype=np.float32) -> list[str]:
+  """{name: the state's generator tree} -> diffusers folders ``folder/<name>``. Under LoRA the trees
+  are adapters: ``<name>`` holds the merged network, ``<name>_lora`` the adapters in the PEFT
+  format diffusers' LoRA loaders read, and with ``with_base`` (a base that exists only in memory,
+  the ``:tiny`` runs) ``<network>_base`` the base they apply to."""
+  if lora_run is None:
+    return export_networks(net_graph, trees, folder, dtype)
+  merge = jax.jit(lora_run.merged)
+  out = export_networks(net_graph, {n: merge(base, a) for n, a in trees.items()}, folder, dtype)
+  for name, adapters in trees.items():
+    host = jax.tree.map(sharding.to_host, adapters)
+    if jax.process_index() == 0:
+      out.append(_replace_atomically(os.path.join(folder, f"{name}_lora"), lambda d: lora.save_peft(
+          d, host, lora_run.targets, lora_run.scale, prefix=lora_run.prefix)))
+  if with_base:
+    out += export_networks(net_graph, {f"{lora_run.prefix}_base": base}, folder, dtype)
   return out
 
 
 def export(pipe: T2I, state, workdir: str, with_ema: bool) -> list[str]:
   """Generator (and EMA) networks as diffusers folders under workdir/export/ (``unet`` or
-  ``transformer``, as the backbone's pipeline names its denoiser; ``_ema`` for the EMA)."""
+  ``transformer``, as the backbone's pipeline names its denoiser; ``_ema`` for the EMA; LoRA: see
+  :func:`export_generator`)."""
   name = pipe.backbone.network_folder
   trees = {name: state.gen_params}
   if with_ema and state.gen_ema is not None:
     trees[f"{name}_ema"] = state.gen_ema
-  return export_networks(pipe.net_graph, trees, os.path.join(workdir, "export"))
+  adapted = pipe.lora is not None and pipe.lora.adapts("gen")
+  return export_generator(pipe.net_graph, trees, os.path.join(workdir, "export"),
+                          lora_run=pipe.lora if adapted else None, base=pipe.gen_base_params(),
+                          with_base=adapted and pipe.cfg.variant == "tiny")
 
 
 def run(cfg, workdir: str) -> dict:

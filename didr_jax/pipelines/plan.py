@@ -209,24 +209,25 @@ def _roofline(entry: dict, chip: Chip, hbm_margin: float):
 
 def plan(cfg, topology: str, *, hbm_margin: float = 0.1, steps=("ta", "generator", "outer"), log=print) -> dict:
   """Compile the run's steps for ``topology``; the plan.json dict (bytes and FLOPs per device)."""
+  from didr_jax.models.lora import LoraError
   from didr_jax.pipelines import validate
-  from didr_jax.pipelines.experiment import build_training, objective_config
+  from didr_jax.pipelines.experiment import abstract_state, build_training, objective_config
   from didr_jax.pipelines.t2i import T2I
-  from didr_jax.training import state as st
   from didr_jax.training.steps import lower_chunk, scan_chunk
   chip, devices = topology_devices(topology)
   validate.validate(cfg, num_devices=len(devices), check_inputs=False)
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
   parts = abstract_parts(cfg, mesh, sharding.get_rules(cfg.mesh.rules))
-  pipe = T2I(cfg, devices=devices, parts=parts)
+  try:
+    pipe = T2I(cfg, devices=devices, parts=parts)   # LoRA targets checked against the shipped config
+  except LoraError as e:
+    raise ConfigError(f"config.{e}") from None
   training = build_training(pipe, cfg)
   frozen = pipe.frozen()
   if objective_config(cfg).needs_drs_table:
     repl = NamedSharding(pipe.mesh, P())
     frozen["drs_table"] = {k: jax.ShapeDtypeStruct((64,), jnp.float32, sharding=repl) for k in ("t", "v")}
-  state = st.abstract_train_state(gen_params=pipe.gen_init, ta_params=pipe.ref_params,
-                                  gen_tx=training["gen_tx"], ta_tx=training["ta_tx"],
-                                  ema=cfg.align.ema_decay > 0, mesh=pipe.mesh)
+  state = abstract_state(pipe, cfg, training["gen_tx"], training["ta_tx"])
   rows, k, n = parts["cond_rows"], cfg.align.k_ta, cfg.train.steps_per_chunk
   one = abstract_conds(pipe, rows, ())
   if cfg.align.fresh_ta_prompts:

@@ -206,13 +206,14 @@ class Sampler:
         return parts["net_graph"], parts["ref"]
       from didr_jax.models.diffusers_loading import from_diffusers
       return nnx.split(from_diffusers(os.path.join(m.reference, b.network_folder), **kw))
-    from didr_jax.pipelines.export_checkpoint import abstract_generator, generator_config
+    from didr_jax.pipelines.export_checkpoint import generator_config, restore_generators
     if src.workdir is not None:
-      from didr_jax.training.checkpoint import restore_fields
-      graph, like = abstract_generator(cfg, self.mesh)
       field = "gen_ema" if src.ema else "gen_params"
-      _, trees = restore_fields(os.path.join(src.workdir, "checkpoints"), {field: like}, src.step)
-      return graph, trees[field]
+      _, graph, trees, lora = restore_generators(cfg, src.workdir, [field], src.step, self.mesh)
+      if lora is None:
+        return graph, trees[field]
+      run, base = lora
+      return graph, jax.jit(run.merged)(base, trees[field])
     return t2i.load_generator(src.generator, b.network_class, generator_config(cfg), kw)
 
   def batch_images(self, prompts: Sequence[str], items: Sequence[Item]) -> np.ndarray:

@@ -17,8 +17,9 @@ from didr_jax import log, sharding
 from didr_jax.diffusion.parameterization import to_denoiser
 from didr_jax.models.layers import DTYPES
 from didr_jax.objectives import variance_table
-from didr_jax.pipelines import backbones
+from didr_jax.pipelines import backbones, lora_training
 from didr_jax.pipelines.conditioning import PromptEncoder, PromptTable
+from didr_jax.training.state import abstract_of, copy_tree
 from didr_jax.training.task import Task
 
 
@@ -94,6 +95,13 @@ def load_generator(path: str, class_name: str, net_config, kw):
   return graph, load_state(abs_state, tensors, KINDS[class_name].rules(net_config), what=path)
 
 
+def network_rules(graph, params):
+  """The diffusers mapping table of a network (where LoRA finds its target modules)."""
+  from didr_jax.models.diffusers_loading import KINDS, _kind_of_model
+  model = nnx.merge(graph, params)
+  return KINDS[_kind_of_model(model)[0]].rules(model.config)
+
+
 def vae_factor(vae_config) -> int:
   """Pixels per latent: 2 ** (levels - 1) (8 for SD / SDXL VAEs)."""
   return 2 ** (len(vae_config.block_out_channels) - 1)
@@ -148,6 +156,9 @@ class T2I:
     # generator = copy of the reference unless a one-step checkpoint is given
     self.gen_init = parts["gen"] if parts["gen"] is not None else parts["ref"]
     self.vae_config, self.reward = parts["vae_config"], parts["reward"]
+    self.lora = lora_training.from_config(cfg, network_rules(self.net_graph, self.ref_params))
+    # a generator loaded from its own checkpoint keeps its own frozen base under LoRA
+    self.gen_base = parts["gen"] if self.lora and self.lora.adapts("gen") else None
     self.encoder = PromptEncoder(cfg.backbone, parts["towers"], self.reward.tokenizer,
                                  resolution=cfg.data.resolution, dtype=DTYPES[m.dtype],
                                  block=cfg.align.batch // jax.process_count(),
@@ -159,7 +170,32 @@ class T2I:
     self.task = self._task()
 
   def frozen(self) -> dict:
-    return {"ref": self.ref_params, "vae": self.vae_params, "reward": self.reward.params}
+    frozen = {"ref": self.ref_params, "vae": self.vae_params, "reward": self.reward.params}
+    if self.gen_base is not None:
+      frozen["gen_base"] = self.gen_base
+    return frozen
+
+  def gen_base_params(self):
+    """The params the generator's adapters apply to (its own checkpoint's, else the reference's)."""
+    return self.gen_base if self.gen_base is not None else self.ref_params
+
+  def initial_trainables(self) -> tuple:
+    """(gen_params, ta_params) of step 0: fresh adapters of the adapted networks (LoRA), fresh
+    copies of the generator's initialisation and of the reference otherwise."""
+    copy = jax.jit(copy_tree)
+    key = jax.random.PRNGKey(self.cfg.seed + 11)
+    with sharding.model_context(self.mesh, self.rules):
+      gen = (self.lora.init(self.gen_base_params(), key) if self.lora and self.lora.adapts("gen")
+             else copy(self.gen_init))
+      ta = (self.lora.init(self.ref_params, jax.random.fold_in(key, 1))
+            if self.lora and self.lora.adapts("ta") else copy(self.ref_params))
+    return gen, ta
+
+  def abstract_trainables(self) -> tuple:
+    """The shapes and shardings of :meth:`initial_trainables` (restore targets, compile plans)."""
+    of = lambda role, base: (self.lora.abstract(base) if self.lora and self.lora.adapts(role)
+                             else abstract_of(base))
+    return of("gen", self.gen_init), of("ta", self.ref_params)
 
   def _task(self) -> Task:
     cfg = self.cfg
@@ -171,7 +207,7 @@ class T2I:
                                             float(cfg.model.label_t), float(cfg.model.input_scale)),
                 network_apply=network_apply, reward_apply=self.reward_apply,
                 ta_t_range=tuple(cfg.align.ta_t_range), gen_t_range=tuple(cfg.align.gen_t_range),
-                uncond=self.encoder.uncond)
+                uncond=self.encoder.uncond, network_params=lora_training.network_params(self.lora))
 
   def decode(self, vae_params, x0):
     return decode(self.vae_graph, vae_params, x0)
@@ -251,7 +287,7 @@ class T2I:
   def eval_fn(self):
     """jitted (gen_params, frozen, cond, z) -> (images [-1, 1], rewards)."""
     def run(gen_params, frozen, cond, z):
-      x0 = self.task.generator_apply(gen_params, z, cond)
+      x0 = self.task.generator_apply(self.task.params("gen", gen_params, frozen), z, cond)
       img = self.decode(frozen["vae"], x0)
       return img, self.reward.apply(frozen["reward"], img, cond.get("reward_ids"))
     return jax.jit(run)

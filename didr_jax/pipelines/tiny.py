@@ -143,13 +143,19 @@ def create_random(make_model, mesh, rules, seed: int):
   return graphdef, jax.tree_util.tree_map_with_path(init, abs_state)
 
 
+def network(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, width: int = 16):
+  """(graph, params) of the tiny reference network of ``seed`` (the same numbers on any mesh)."""
+  cls = KINDS[get_backbone(backbone).network_class].model_cls
+  ncfg = network_config(backbone, width)
+  return create_random(lambda: cls(ncfg, dtype=dtype, param_dtype=param_dtype, rngs=ShapeOnlyRngs()),
+                       mesh, rules, seed)
+
+
 def build(backbone: str, *, seed: int, mesh, rules, dtype, param_dtype, vae_dtype, text_mesh,
           width: int = 16, vae_width: int = 8):
   """dict(net_graph, ref, vae_graph, vae, vae_config, towers, reward) of random tiny models."""
-  ncfg = network_config(backbone, width)
-  cls = KINDS[get_backbone(backbone).network_class].model_cls
-  net_graph, ref = create_random(
-      lambda: cls(ncfg, dtype=dtype, param_dtype=param_dtype, rngs=ShapeOnlyRngs()), mesh, rules, seed)
+  net_graph, ref = network(backbone, seed=seed, mesh=mesh, rules=rules, dtype=dtype,
+                           param_dtype=param_dtype, width=width)
   vcfg = vae_config(backbone, vae_width)
   vae_graph, vae = create_random(
       lambda: AutoencoderKL(vcfg, dtype=vae_dtype, param_dtype=param_dtype, rngs=ShapeOnlyRngs()),

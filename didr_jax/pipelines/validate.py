@@ -237,6 +237,22 @@ def _check_times(cfg):
                                  "a = 1 - sigma and s = sigma; keep 0 < lo <= hi < 1")
 
 
+def _check_lora(cfg):
+  """model.lora: rank, alpha and networks, and every target pattern matching a linear layer of the
+  generator's network (its config.json, or the tiny one)."""
+  from didr_jax.models import lora
+  from didr_jax.models.diffusers_loading import KINDS
+  from didr_jax.pipelines import lora_training
+  from didr_jax.pipelines.backbones import get
+  from didr_jax.pipelines.export_checkpoint import generator_config
+  if cfg.model.lora.rank == 0:
+    return
+  try:
+    lora_training.from_config(cfg, KINDS[get(cfg.backbone).network_class].rules(generator_config(cfg)))
+  except lora.LoraError as e:
+    raise ConfigError(f"config.{e}") from None
+
+
 def validate(cfg, num_devices: int | None = None, check_inputs: bool = True) -> None:
   """Every field of a t2i config; ``num_devices``: the mesh's devices (default this run's);
   ``check_inputs``: also the model folders and the prompt file (off for the compile plan, which
@@ -276,4 +292,5 @@ def validate(cfg, num_devices: int | None = None, check_inputs: bool = True) -> 
     return
   if cfg.variant != "tiny":
     _check_paths(cfg)
+  _check_lora(cfg)
   _check_prompts(cfg)

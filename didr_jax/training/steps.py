@@ -110,9 +110,11 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
   def ta_update(state: TrainState, frozen, cond):
     rng, batch = draw(state, task.ta_t_range)
 
+    gen = task.params("gen", state.gen_params, frozen)
+
     def loss_fn(p, mb):
-      x0 = task.generator_apply(state.gen_params, constrain(mb["z"]), mb["cond"])
-      return dsm_loss(task.denoiser(p), x0, mb["t"], constrain(mb["eps"]), task.schedule, mb["cond"])
+      x0 = task.generator_apply(gen, constrain(mb["z"]), mb["cond"])
+      return dsm_loss(task.denoiser(task.params("ta", p, frozen)), x0, mb["t"], constrain(mb["eps"]), task.schedule, mb["cond"])
 
     (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.ta_params,
                                                         dict(batch, cond=cond), n_micro)
@@ -125,11 +127,11 @@ def make_outer_step(task: Task, obj: ObjectiveConfig, step_cfg: StepConfig, gen_
     every = step_cfg.reward_metrics_every
     on = True if every == 1 else (state.step + 1) % every == 0   # the last step of each n
     ref = task.denoiser(jax.lax.stop_gradient(frozen["ref"]), obj.cfg_w)
-    ta = task.denoiser(jax.lax.stop_gradient(state.ta_params))
+    ta = task.denoiser(jax.lax.stop_gradient(task.params("ta", state.ta_params, frozen)))
     reward = lambda x0, c: task.reward_apply(jax.lax.stop_gradient(frozen), x0, c)
 
     def loss_fn(p, mb):
-      return generator_loss(obj, generate=lambda zz, c: task.generator_apply(p, zz, c), ta=ta,
+      return generator_loss(obj, generate=lambda zz, c: task.generator_apply(task.params("gen", p, frozen), zz, c), ta=ta,
                             ref=ref, reward=reward, schedule=task.schedule, z=constrain(mb["z"]),
                             cond=mb["cond"], t=mb["t"], eps=constrain(mb["eps"]),
                             exact_drs=task.exact_drs, keys=mb.get("keys"),

@@ -19,6 +19,10 @@ class Task:
   reward_apply(frozen, x0, cond) -> r [B]            differentiable reward of clean samples
   uncond(cond) -> cond                               unconditional input for CFG (None: unconditional task)
   exact_drs(x_t, t, cond) -> DRS                     analytic DRS, when the prior allows it
+  network_params(role, trainable, frozen) -> params  the network params of role "gen" or "ta" from
+                                                     the state's trainable tree (LoRA: the frozen
+                                                     base with the adapters merged); None: the
+                                                     trainable tree is the network's params
   ``frozen`` is a pytree with at least ``frozen["ref"]`` (reference params) passed to every step.
   """
   schedule: Schedule
@@ -31,6 +35,12 @@ class Task:
   gen_t_range: tuple
   uncond: Optional[Callable] = None
   exact_drs: Optional[Callable] = None
+  network_params: Optional[Callable] = None
+
+  def params(self, role: str, trainable, frozen):
+    """What the generator ("gen") or the TA ("ta") network runs with, given the state's trainable
+    tree of that role."""
+    return trainable if self.network_params is None else self.network_params(role, trainable, frozen)
 
   def sample_t(self, key, n: int, t_range):
     lo, hi = t_range
