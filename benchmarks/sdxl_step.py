@@ -1,6 +1,6 @@
 """Per-method TA-step / generator-step time, XLA FLOPs and compiled peak memory of the t2i
 pipeline on a mid-size random model of a backbone (``--backbone``: sdxl, the default, sd15,
-pixart, zimage; the DiTs have one tiny size, ``--width`` scales the UNets); DIDR with each DRS
+pixart, zimage; ``--width`` scales every network, see ``pipelines.tiny.network_config``); DIDR with each DRS
 estimator (``--estimators``:
 drp at K = 1, 2, 4, snis at K x M, hybrid); per-device memory on 1 vs N devices (FSDP); 1-device
 memory with gradient accumulation (``--accums``); LoRA rows next to full fine-tuning

@@ -176,7 +176,9 @@ class Block(nnx.Module):
     for name in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
       setattr(self, name, RMSNorm(cfg.dim, cfg.norm_eps, **kw, scale_in_float32=True))
     if modulation:
-      self.adaLN_modulation = dense(cfg.adaln_dim, 4 * cfg.dim, axes=(None, "mlp"), rngs=rngs,
+      # 256 x 4 dim per layer (118M parameters over 30 layers): its input axis takes the FSDP
+      # ("embed") axis too, else it stays whole on every device (docs/benchmarks.md, LoRA)
+      self.adaLN_modulation = dense(cfg.adaln_dim, 4 * cfg.dim, axes=("embed", "mlp"), rngs=rngs,
                                     **kw)
     self.modulation = modulation
 

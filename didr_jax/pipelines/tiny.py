@@ -49,21 +49,24 @@ def unet_config(backbone: str, width: int = 16) -> UNetConfig:
 
 
 def network_config(backbone: str, width: int = 16):
-  """The denoiser's config; ``width`` scales the UNets only (the DiTs have one tiny size)."""
+  """The denoiser's config; ``width`` scales the channels (UNets), the hidden size (PixArt: 3 heads
+  of width / 2; Z-Image: 4 heads of width) at a fixed depth. 16: the ``:tiny`` networks."""
   if backbone in ("sdxl", "sd15"):
     return unet_config(backbone, width)
   if backbone == "pixart":
+    head = width // 2
     return PixArtConfig.from_dict(dict(
-        sample_size=4, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=T5_TINY.d_model, in_channels=4, out_channels=8, cross_attention_dim=24,
+        sample_size=4, num_layers=2, patch_size=2, attention_head_dim=head, num_attention_heads=3,
+        caption_channels=T5_TINY.d_model, in_channels=4, out_channels=8, cross_attention_dim=3 * head,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         use_additional_conditions=True))
   if backbone == "zimage":
     return ZImageConfig.from_dict(dict(
-        all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=64, n_layers=2,
+        all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=4 * width, n_layers=2,
         n_refiner_layers=2, n_heads=4, n_kv_heads=4, qk_norm=True, cap_feat_dim=QWEN3_TINY.hidden_size,
-        axes_dims=[4, 6, 6], axes_lens=[64, 16, 16], rope_theta=256.0, t_scale=1000.0, norm_eps=1e-5))
+        axes_dims=[width // 4, 3 * width // 8, 3 * width // 8], axes_lens=[64, 16, 16], rope_theta=256.0,
+        t_scale=1000.0, norm_eps=1e-5))
   raise ValueError(f"backbone {backbone!r} has no tiny network")
 
 
