@@ -93,7 +93,7 @@ def test_only_the_adapters_receive_gradients(base):
 
 @pytest.mark.parametrize("call, field", [
     (lambda rules: lora.lora_targets(rules, ["to_q", "attn9.nowhere"]), r"model\.lora\.targets: \['attn9\.nowhere'\]"),
-    (lambda rules: lora.lora_targets(rules, ["conv_in"]), r"model\.lora\.targets: \['conv_in'\]"),
+    (lambda rules: lora.lora_targets(rules, ["norm1"]), r"model\.lora\.targets: \['norm1'\] match no linear or convolution"),
     (lambda rules: lora.lora_targets(rules, []), r"model\.lora\.targets: empty"),
     (lambda rules: lora.check_rank(-1, 8.0), r"model\.lora\.rank: -1"),
     (lambda rules: lora.check_rank(4, 0.0), r"model\.lora\.alpha: 0\.0"),
@@ -104,16 +104,42 @@ def test_bad_settings_name_the_field(call, field):
     call(unet_rules(unet_config("sdxl")))
 
 
+CONVS = ("conv1", "conv2", "conv_shortcut", "conv_in")
+
+
+def test_convolution_adapter_merges_as_kh_kw_then_1x1(base):
+  """A convolution kernel [kh, kw, in, out] takes A [kh, kw, in, r], B [r, out]: the merged kernel
+  is W + s sum_r A[..., r] B[r] (float64 reference), and step 0 still equals the base."""
+  cfg, graph, params, _ = base
+  targets = lora.lora_targets(unet_rules(cfg), CONVS)
+  assert all(leaf_value(flat_state(params)[p]).ndim == 4 for p in targets)
+  assert {m.split(".")[-1] for m in targets.values()} == set(CONVS)
+  adapters = lora.init_adapters(params, targets, RANK, jax.random.PRNGKey(0))
+  run = jax.jit(lambda p: _forward(graph, p, _inputs()))
+  np.testing.assert_array_equal(np.asarray(run(lora.merge(params, adapters, ALPHA / RANK))),
+                                np.asarray(run(params)))
+  moved = _nonzero(adapters)
+  merged = flat_state(lora.merge(params, moved, ALPHA / RANK))
+  for path in list(targets)[:3]:
+    a, b = np.asarray(moved[path]["a"], np.float64), np.asarray(moved[path]["b"], np.float64)
+    want = np.asarray(leaf_value(flat_state(params)[path]), np.float64) + ALPHA / RANK * np.einsum(
+        "hwir,ro->hwio", a, b)
+    np.testing.assert_allclose(np.asarray(leaf_value(merged[path])), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parity
-def test_diffusers_lora_loader_reproduces_our_adapted_unet(base, tmp_path):
+@pytest.mark.parametrize("extra", [(), CONVS], ids=["linears", "linears+convs"])
+def test_diffusers_lora_loader_reproduces_our_adapted_unet(base, tmp_path, extra):
   """The exported ``pytorch_lora_weights.safetensors`` loaded with diffusers'
-  ``load_lora_adapter`` onto the base UNet (written by our exporter) gives our merged output."""
+  ``load_lora_adapter`` onto the base UNet (written by our exporter) gives our merged output,
+  with the default (linear) targets and with convolutions added."""
   from tests.clip_torch_env import torch
   from tests import torch_refs as R
   from diffusers import UNet2DConditionModel as TorchUNet
   from didr_jax.models import to_diffusers
   from didr_jax.weights import read_safetensors
-  _, graph, params, targets = base
+  cfg, graph, params, targets = base
+  targets = lora.lora_targets(unet_rules(cfg), lora.default_targets("UNet2DConditionModel") + extra)
   to_diffusers(nnx.merge(graph, params), str(tmp_path / "unet"))
   adapters = _nonzero(lora.init_adapters(params, targets, RANK, jax.random.PRNGKey(0)))
   prefix = lora.peft_prefix("UNet2DConditionModel")

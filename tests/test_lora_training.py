@@ -28,9 +28,10 @@ def unet():
   return cfg, mesh, params
 
 
-def _run(cfg, networks=("generator", "ta")):
+def _run(cfg, networks=("generator", "ta"), extra_targets=()):
   c = get_config("tiny")
   c.model.lora.rank, c.model.lora.alpha, c.model.lora.networks = 4, 8.0, networks
+  c.model.lora.targets = tuple(c.model.lora.targets) + extra_targets
   return lora_training.from_config(c, unet_rules(cfg))
 
 
@@ -42,9 +43,10 @@ def _largest_share(tree) -> int:
   return max(per.values())
 
 
-def test_adapters_are_sharded_over_fsdp_like_their_kernels(unet):
+@pytest.mark.parametrize("extra", [(), ("conv1", "conv2")], ids=["linears", "linears+convs"])
+def test_adapters_are_sharded_over_fsdp_like_their_kernels(unet, extra):
   cfg, mesh, params = unet
-  run = _run(cfg)
+  run = _run(cfg, extra_targets=extra)
   adapters = run.init(params, jax.random.PRNGKey(0))
   total = sum(x.nbytes for x in jax.tree.leaves(adapters))
   assert _largest_share(adapters) <= total / 8 * 1.05, (_largest_share(adapters), total)

@@ -42,7 +42,7 @@ def test_t2i_field_is_named(field, value):
 
 @pytest.mark.parametrize("field, value", [
     ("model.lora.rank", -1), ("model.lora.alpha", 0.0), ("model.lora.targets", ("to_q", "attn9.nowhere")),
-    ("model.lora.targets", ("conv_in",)), ("model.lora.targets", ()), ("model.lora.networks", ("vae",)),
+    ("model.lora.targets", ("norm1",)), ("model.lora.targets", ()), ("model.lora.networks", ("vae",)),
     ("model.lora.networks", ()),
 ])
 @pytest.mark.parametrize("backbone", ["sdxl", "pixart", "zimage"])

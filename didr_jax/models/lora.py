@@ -38,7 +38,9 @@ _MODELS = {
     "ZImageTransformer2DModel": ("transformer",
                                  _ATTENTION + ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
 }
-_ADAPTABLE = ("linear", "stacked_linear")   # rule transforms of the layers adapters fit
+# rule transforms of the layers adapters fit (1x1 convolutions stored as linears, SD1.5's
+# proj_in / proj_out, are not among them: PEFT would need them as convolutions)
+_ADAPTABLE = ("linear", "stacked_linear", "conv")
 
 
 class LoraError(ValueError):
@@ -76,9 +78,9 @@ def _match(module: str, pattern: str) -> str | None:
 
 
 def lora_targets(rules, patterns: Sequence[str]) -> dict[str, str]:
-  """{flax kernel path: diffusers module name} of the linear layers ``patterns`` name (stacked
-  ones as ``<stack>.*.<module>``); every pattern must match at least one linear layer, and none
-  may name a single layer of a stacked one."""
+  """{flax kernel path: diffusers module name} of the linear (stacked ones as
+  ``<stack>.*.<module>``) and convolution layers ``patterns`` name; every pattern must match at
+  least one, and none may name a single layer of a stacked one."""
   linear = {r.target: r.source[: -len(".weight")] for r in rules
             if r.transform in _ADAPTABLE and r.source.endswith(".weight")}
   if not patterns:
@@ -90,8 +92,8 @@ def lora_targets(rules, patterns: Sequence[str]) -> dict[str, str]:
                     "its layer index, e.g. attn1.to_q)")
   unmatched = [p for p in patterns if not any(_match(m, p) for m in linear.values())]
   if unmatched:
-    raise LoraError(f"model.lora.targets: {unmatched} match no linear layer of the model "
-                    f"(diffusers module names, e.g. {list(_ATTENTION)})")
+    raise LoraError(f"model.lora.targets: {unmatched} match no linear or convolution layer of "
+                    f"the model (diffusers module names, e.g. {list(_ATTENTION)} or conv1)")
   return {t: m for t, m in sorted(linear.items()) if any(_match(m, p) for p in patterns)}
 
 
@@ -103,24 +105,32 @@ def check_rank(rank: int, alpha: float) -> None:
 
 
 def init_adapters(params, targets: dict[str, str], rank: int, key) -> dict:
-  """{kernel path: {"a": N(0, 1/in) [..., in, r], "b": 0 [..., r, out]}} in float32 for every
-  target; ``...`` is the layer axis of a stacked kernel (independent draws per layer)."""
+  """{kernel path: {"a": N(0, 1/fan_in), "b": 0}} in float32 for every target: a linear's
+  A [..., in, r], B [..., r, out] (``...``: the layer axis of a stacked kernel, independent draws
+  per layer); a convolution's (kernel [kh, kw, in, out]) A [kh, kw, in, r], B [r, out], PEFT's
+  convolution adapter (a kh x kw convolution to r channels, then a 1x1 one)."""
   flat = {k: leaf_value(v) for k, v in flat_state(params).items()}
   out = {}
   for i, path in enumerate(targets):
     kernel = flat[path]
-    if kernel.ndim != (3 if "*" in targets[path] else 2):
+    if kernel.ndim not in ((3,) if "*" in targets[path] else (2, 4)):
       raise LoraError(f"model.lora.targets: {targets[path]} has a {kernel.ndim}-d kernel "
-                      f"{kernel.shape}; adapters fit linear layers only")
+                      f"{kernel.shape}; adapters fit linear and convolution layers only")
+    k = jax.random.fold_in(key, i)
+    if kernel.ndim == 4:
+      kh, kw, fan_in, fan_out = kernel.shape
+      a = jax.random.normal(k, (kh, kw, fan_in, rank), jnp.float32) / np.sqrt(kh * kw * fan_in)
+      out[path] = {"a": a, "b": jnp.zeros((rank, fan_out), jnp.float32)}
+      continue
     *layers, fan_in, fan_out = kernel.shape
-    a = jax.random.normal(jax.random.fold_in(key, i), (*layers, fan_in, rank), jnp.float32)
+    a = jax.random.normal(k, (*layers, fan_in, rank), jnp.float32)
     out[path] = {"a": a / np.sqrt(fan_in), "b": jnp.zeros((*layers, rank, fan_out), jnp.float32)}
   return out
 
 
 def merge(params, adapters: dict, scale: float):
-  """The base parameters (no gradient) with W + scale A B at every adapted kernel (per layer for
-  a stacked one: ``@`` batches over the leading layer axis)."""
+  """The base parameters (no gradient) with W + scale A B at every adapted kernel (``@`` batches
+  over a stacked kernel's layer axis and a convolution's kh x kw window)."""
   def fn(path, leaf):
     value = jax.lax.stop_gradient(leaf_value(leaf))
     adapter = adapters.get(path_str(path))
@@ -133,7 +143,7 @@ def merge(params, adapters: dict, scale: float):
 def peft_state(adapters: dict, targets: dict[str, str], scale: float,
                prefix: str) -> dict[str, np.ndarray]:
   """The adapters as a PEFT-format state dict (``<prefix>.<module>.lora_A.weight`` [r, in],
-  ``lora_B.weight`` [out, r]; a stacked adapter as one pair per layer, ``*`` replaced by the
+  ``lora_B.weight`` [out, r]; a convolution's [r, in, kh, kw] and [out, r, 1, 1]; a stacked adapter as one pair per layer, ``*`` replaced by the
   layer index) with the scale folded into B, so a loader's default ``lora_alpha = r`` (scale 1)
   reproduces the merged model. ``prefix``: :func:`peft_prefix` of the model's class."""
   out = {}
@@ -144,8 +154,12 @@ def peft_state(adapters: dict, targets: dict[str, str], scale: float,
     layers = ([(module.replace("*", str(i)), a[i], b[i]) for i in range(a.shape[0])]
               if "*" in module else [(module, a, b)])
     for name, a_l, b_l in layers:
-      out[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(a_l.T)
-      out[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b_l.T)
+      if a_l.ndim == 4:   # convolution: A as torch OIHW [r, in, kh, kw], B as a 1x1 [out, r, 1, 1]
+        a_l, b_l = a_l.transpose(3, 2, 0, 1), b_l.T[:, :, None, None]
+      else:
+        a_l, b_l = a_l.T, b_l.T
+      out[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(a_l)
+      out[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b_l)
   return out
 
 

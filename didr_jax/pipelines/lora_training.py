@@ -72,7 +72,7 @@ def from_config(cfg, rules) -> LoraRun | None:
 
 def adapter_shardings(base, adapters):
   """Each factor sharded over the mesh axes of the kernel it adapts, on its own wide axis (A: the
-  input axis, B: the output axis; the rank axis whole): the kernel's axes where it shards that
+  input axis, B: the output axis; the rank axis whole; leading layer / window axes as the kernel's): the kernel's axes where it shards that
   axis, else the kernel's other sharded axes when they divide it. FSDP then splits the adapters
   and their Adam moments as it splits the network, whichever kernel axis the rules shard."""
   kernels = {k: leaf_value(v) for k, v in flat_state(base).items()}
@@ -89,8 +89,9 @@ def adapter_shardings(base, adapters):
     d_in, d_out = kernel.shape[-2:]
     pick = lambda own, other, dim: own if own is not None else (
         other if other is not None and dim % size(sh.mesh, other) == 0 else None)
+    b_lead = lead[:adapters[path]["b"].ndim - 2]   # a convolution's B [r, out] has no window axes
     return {"a": NamedSharding(sh.mesh, P(*lead, pick(k_in, k_out, d_in), None)),
-            "b": NamedSharding(sh.mesh, P(*lead, None, pick(k_out, k_in, d_out)))}
+            "b": NamedSharding(sh.mesh, P(*b_lead, None, pick(k_out, k_in, d_out)))}
   return {path: place(path) for path in adapters}
 
 
