@@ -217,7 +217,7 @@ def export(pipe: T2I, state, workdir: str, with_ema: bool) -> list[str]:
     trees[f"{name}_ema"] = state.gen_ema
   adapted = pipe.lora is not None and pipe.lora.adapts("gen")
   return export_generator(pipe.net_graph, trees, os.path.join(workdir, "export"),
-                          lora_run=pipe.lora if adapted else None, base=pipe.gen_base_params(),
+                          lora_run=pipe.lora if adapted else None, base=pipe.gen_init,
                           with_base=adapted and pipe.cfg.variant == "tiny")
 
 

@@ -175,17 +175,13 @@ class T2I:
       frozen["gen_base"] = self.gen_base
     return frozen
 
-  def gen_base_params(self):
-    """The params the generator's adapters apply to (its own checkpoint's, else the reference's)."""
-    return self.gen_base if self.gen_base is not None else self.ref_params
-
   def initial_trainables(self) -> tuple:
     """(gen_params, ta_params) of step 0: fresh adapters of the adapted networks (LoRA), fresh
     copies of the generator's initialisation and of the reference otherwise."""
     copy = jax.jit(copy_tree)
     key = jax.random.PRNGKey(self.cfg.seed + 11)
     with sharding.model_context(self.mesh, self.rules):
-      gen = (self.lora.init(self.gen_base_params(), key) if self.lora and self.lora.adapts("gen")
+      gen = (self.lora.init(self.gen_init, key) if self.lora and self.lora.adapts("gen")
              else copy(self.gen_init))
       ta = (self.lora.init(self.ref_params, jax.random.fold_in(key, 1))
             if self.lora and self.lora.adapts("ta") else copy(self.ref_params))
