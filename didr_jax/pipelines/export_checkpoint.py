@@ -61,7 +61,8 @@ def abstract_generator(cfg, mesh):
 
 
 def lora_of_generator(cfg):
-  """The run's LoraRun when its generator trains adapters, else None."""
+  """The run's LoraRun when its generator trains adapters, else None (the setting checked
+  against the generator network's table: LoraError naming the field)."""
   from didr_jax.pipelines import lora_training
   b = backbones.get(cfg.backbone)
   run = lora_training.from_config(cfg, KINDS[b.network_class].rules(generator_config(cfg)))

@@ -43,8 +43,7 @@ class LoraRun:
   def init(self, base, key):
     """Fresh adapters of ``base`` (B = 0: the adapted network equals its base), each placed like
     the kernel it adapts."""
-    shardings = adapter_shardings(base, jax.eval_shape(
-        lambda: lora.init_adapters(base, self.targets, self.rank, key)))
+    shardings = jax.tree.map(lambda x: x.sharding, self.abstract(base))
     return jax.jit(lambda k: lora.init_adapters(base, self.targets, self.rank, k),
                    out_shardings=shardings)(key)
 
@@ -72,9 +71,10 @@ def from_config(cfg, rules) -> LoraRun | None:
 
 def adapter_shardings(base, adapters):
   """Each factor sharded over the mesh axes of the kernel it adapts, on its own wide axis (A: the
-  input axis, B: the output axis; the rank axis whole; leading layer / window axes as the kernel's): the kernel's axes where it shards that
-  axis, else the kernel's other sharded axes when they divide it. FSDP then splits the adapters
-  and their Adam moments as it splits the network, whichever kernel axis the rules shard."""
+  input axis, B: the output axis; the rank axis whole; leading layer / window axes as the
+  kernel's): the kernel's axes where it shards that axis, else the kernel's other sharded axes
+  when they divide it. FSDP then splits the adapters and their Adam moments as it splits the
+  network, whichever kernel axis the rules shard."""
   kernels = {k: leaf_value(v) for k, v in flat_state(base).items()}
 
   def size(mesh, axes):

@@ -238,17 +238,14 @@ def _check_times(cfg):
 
 
 def _check_lora(cfg):
-  """model.lora: rank, alpha and networks, and every target pattern matching a linear layer of the
-  generator's network (its config.json, or the tiny one)."""
+  """model.lora: rank, alpha and networks, and every target pattern matching a linear or
+  convolution layer of the generator's network (its config.json, or the tiny one)."""
   from didr_jax.models import lora
-  from didr_jax.models.diffusers_loading import KINDS
-  from didr_jax.pipelines import lora_training
-  from didr_jax.pipelines.backbones import get
-  from didr_jax.pipelines.export_checkpoint import generator_config
+  from didr_jax.pipelines.export_checkpoint import lora_of_generator
   if cfg.model.lora.rank == 0:
     return
   try:
-    lora_training.from_config(cfg, KINDS[get(cfg.backbone).network_class].rules(generator_config(cfg)))
+    lora_of_generator(cfg)
   except lora.LoraError as e:
     raise ConfigError(f"config.{e}") from None
 
