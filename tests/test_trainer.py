@@ -466,3 +466,42 @@ def test_closing_all_closes_every_checkpointer_on_a_stop(tmp_path):
   assert all(c._closed for c in ckpts)
   assert os.listdir(tmp_path / "b") == ["1"], os.listdir(tmp_path / "b")   # complete, no tmp folder
   ckpts[0].close()                           # a second close does nothing
+
+
+def test_checkpointers_in_threads_save_at_once(tmp_path):
+  """The toy runs its methods in threads, each with its own async checkpointer. Orbax keys a save's
+  folder-creation signals by a process-wide operation id, so saves started at once used to collide
+  (FileExistsError on ``<step>.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp``, the toy's
+  rerun failure on a loaded host). Four threads x 8 saves, then four restores at once."""
+  import threading
+  import jax
+  from didr_jax.training.checkpoint import Checkpointer
+  names, errors = ("a", "b", "c", "d"), []
+  ckpts = {n: Checkpointer(str(tmp_path / n), identity={"n": n}, max_to_keep=2, save_every=1,
+                           async_save=True) for n in names}
+
+  def in_thread(fn):
+    def run(n):
+      try:
+        fn(n)
+      except Exception as e:   # reported below, with the checkpointer's name
+        errors.append(f"{n}: {type(e).__name__}: {e}")
+    threads = [threading.Thread(target=run, args=(n,)) for n in names]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    assert not errors, errors
+
+  def save_eight(n):
+    for step in range(1, 9):
+      ckpts[n].save(step, {"x": np.full((64, 64), 10.0 * step + names.index(n), np.float32)})
+    ckpts[n].close()
+  in_thread(save_eight)
+  assert {n: sorted(os.listdir(tmp_path / n)) for n in names} == {n: ["7", "8"] for n in names}
+  like = {"x": jax.numpy.zeros((64, 64), np.float32)}
+  restored = {}
+  in_thread(lambda n: restored.update({n: Checkpointer(
+      str(tmp_path / n), identity={"n": n}, max_to_keep=2, save_every=1).restore(like)}))
+  for i, n in enumerate(names):
+    np.testing.assert_array_equal(restored[n]["x"], np.full((64, 64), 80.0 + i, np.float32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -62,6 +63,14 @@ class PreemptionCounter:
 PREEMPTION = PreemptionCounter()
 
 
+# Orbax keys a save's directory-creation signals by a process-wide "current operation id" that
+# every save advances; two saves started at once from threads (the toy's methods run in threads,
+# each with its own checkpointer) read each other's id and collide on their tmp folders
+# (FileExistsError, or a wait on a signal that never comes). The id is captured while ``save``
+# blocks, so serialising the blocking part is enough; the async writes still overlap.
+_SAVE_START = threading.Lock()
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, identity: dict, max_to_keep: int, save_every: int,
                async_save: bool = True):
@@ -109,12 +118,14 @@ class Checkpointer:
     """Every process calls this (orbax synchronises); ``force`` ignores the save interval.
 
     A step that is already saved (an interval save followed by a forced one) is not rewritten.
+    Saves of different checkpointers in one process start one at a time (``_SAVE_START``).
     """
     if self.manager.latest_step() == step:
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)
+    with _SAVE_START:
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave({"step": int(step), "identity": self.identity})), force=force)
 
   def reached_preemption(self) -> bool:
     """True once JAX's preemption sync point is reached (save, then stop); every process calls this
