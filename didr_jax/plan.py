@@ -23,7 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from didr_jax import cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A t2i config (configs/sdxl.py, configs/sd15.py).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A t2i config (configs/{sdxl,sd15,pixart,zimage}.py).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v5e:4x4, v6e:2x4.")
 _OUT = flags.DEFINE_string("out", None, "Folder for plan.json (default: print only).")

@@ -23,7 +23,7 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", ["sdxl_unet", "sd15_unet", "sdxl_vae", "sd15_vae"])
+@pytest.mark.parametrize("name", ["sdxl_unet", "sd15_unet", "sdxl_vae", "sd15_vae", "zimage_vae"])
 def test_diffusers_models_have_our_keys_and_shapes(name):
   import diffusers
   from didr_jax import model_configs

@@ -9,7 +9,11 @@ diffusers / transformers folders hold them):
 * ``pickscore_clip``: yuvalkirstain/PickScore_v1 (a CLIP ViT-H/14 ``CLIPModel``);
 * ``pixart_transformer``: PixArt-alpha/PixArt-XL-2-1024-MS ``transformer/``;
 * ``zimage_transformer``: the Z-Image transformer (diffusers' ``ZImageTransformer2DModel`` defaults:
-  dim 3840, 30 layers, 2 + 2 refiner layers, caption width 2560).
+  dim 3840, 30 layers, 2 + 2 refiner layers, caption width 2560);
+* ``zimage_vae``: Z-Image's ``vae/``, the 16-channel Flux-style AutoencoderKL (no quant convs,
+  scaling 0.3611, shift 0.1159).
+
+PixArt-alpha's ``vae/`` is the SD VAE (sd-vae-ft-ema): the same architecture as ``sd15_vae``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import json
 import os
 
 NAMES = ("sdxl_unet", "sdxl_vae", "sd15_unet", "sd15_vae", "pickscore_clip", "pixart_transformer",
-         "zimage_transformer")
+         "zimage_transformer", "zimage_vae")
 
 
 def load(name: str) -> dict:

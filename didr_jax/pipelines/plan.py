@@ -8,8 +8,12 @@ mesh, rules and in/out shardings, and XLA's TPU compiler reports per-device memo
 
 * ``ta``: one TA update; ``generator``: one generator update; ``outer``: the chunk the run
   executes (``train.steps_per_chunk`` outer steps of k_ta TA updates + one generator update).
-* FLOPs and bytes accessed per outer step = generator + k_ta x ta (XLA's cost analysis counts a
-  loop body once, so the scanned ``outer`` program's own figures are per loop iteration).
+* ``flops``: the program's matmul and convolution FLOPs with every loop counted as often as it
+  runs (``hlo_flops``: scanned layer stacks, the DRP's steps, the chunk's outer steps), read from
+  the lowered program and divided by the chips (the batch is sharded over all of them);
+  ``xla_cost_flops`` is XLA's cost analysis of the compiled per-chip program, which counts each
+  loop body once. Per outer step: generator + k_ta x ta. ``bytes_accessed`` is XLA's (loop bodies
+  once: a lower bound).
 * Each program is compiled with the chip's HBM as XLA's limit; for one that XLA cannot fit,
   ``oom`` holds XLA's message, ``fits`` is false and the figures are estimated (``source``).
 * Estimated step time: the roofline max(FLOPs / peak, bytes / HBM bandwidth) from the chip's
@@ -32,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from didr_jax import model_configs, sharding
 from didr_jax.errors import ConfigError
 from didr_jax.models.layers import DTYPES
+from didr_jax.pipelines.hlo_flops import program_flops
 
 GiB = 2 ** 30
 
@@ -118,34 +123,65 @@ def _reward(cfg, mesh):
   return clip_reward(name, clip, head=head, tokenizer=None if name == "aesthetic" else tok)
 
 
+# the shipped full-size configs of each backbone: (network, VAE); PixArt-alpha's VAE is SD's
+FULL_SIZE = {"sdxl": ("sdxl_unet", "sdxl_vae"), "sd15": ("sd15_unet", "sd15_vae"),
+             "pixart": ("pixart_transformer", "sd15_vae"), "zimage": ("zimage_transformer", "zimage_vae")}
+
+
+def _text_rows(backbone, net_cfg, variant: str, dtype) -> dict:
+  """{key: (shape per prompt, dtype)} of the text rows the backbone's network reads (the text
+  towers run before the step, or once with ``data.precompute_embeddings``: not compiled here)."""
+  from didr_jax.pipelines import tiny
+  from didr_jax.text.qwen3_tokenize import QWEN3_MAX_LENGTH
+  from didr_jax.text.t5_tokenize import PIXART_MAX_LENGTH
+  name = backbone.name
+  if name in ("sdxl", "sd15"):
+    rows = {"context": ((tiny.TOKENS if variant == "tiny" else 77, net_cfg.cross_attention_dim), dtype)}
+    if name == "sdxl":
+      pooled = net_cfg.projection_class_embeddings_input_dim - 6 * net_cfg.addition_time_embed_dim
+      rows.update(pooled=((pooled,), jnp.float32), time_ids=((6,), jnp.float32))
+    return rows
+  length = tiny.TOKENS if variant == "tiny" else {"pixart": PIXART_MAX_LENGTH, "zimage": QWEN3_MAX_LENGTH}[name]
+  width = net_cfg.caption_channels if name == "pixart" else net_cfg.cap_feat_dim
+  rows = {"context": ((length, width), dtype), "mask": ((length,), jnp.bool_)}
+  if name == "pixart":
+    rows.update(resolution=((2,), jnp.float32), aspect_ratio=((1,), jnp.float32))
+  return rows
+
+
+def _empty_rows(backbone, rows: dict):
+  """The unconditional text rows as the run holds them (values do not change the program): None
+  where CFG zeroes the rows (SDXL), else the empty prompt's context and (T5 / Qwen3) its mask."""
+  from didr_jax.pipelines.conditioning import TEXT
+  if TEXT[backbone.text].uncond == "zeros":
+    return None
+  empty = {"context": jnp.zeros(*rows["context"])}
+  if "mask" in rows:
+    empty["mask"] = jnp.arange(rows["mask"][0][0]) < 1
+  return empty
+
+
 def abstract_parts(cfg, mesh, rules) -> dict:
   """The models ``T2I`` needs, as shapes: full-size from the shipped configs (``:tiny``: the tiny
   ones), placed with the run's mesh and rules; plus the cond rows' shapes (``cond_rows``)."""
-  from didr_jax.models.diffusers_loading import abstract_for
-  from didr_jax.models.unet import UNetConfig
+  from didr_jax.models.diffusers_loading import KINDS, abstract_for
   from didr_jax.models.vae import VAEConfig
-  from didr_jax.pipelines import tiny
-  m, b = cfg.model, cfg.backbone
-  if b not in ("sdxl", "sd15"):
-    raise PlanError(f"config.backbone: {b!r}: the compile plan builds UNet backbones (sdxl, sd15) "
-                    "so far; the DiT backbones have no shipped full-size configs in it yet")
+  from didr_jax.pipelines import backbones, tiny
+  m, b = cfg.model, backbones.get(cfg.backbone)
   if cfg.variant == "tiny":
-    ucfg, vcfg, tokens = tiny.unet_config(b, cfg.tiny.width), tiny.vae_config(b, cfg.tiny.vae_width), tiny.TOKENS
+    ncfg, vcfg = tiny.network_config(b.name, cfg.tiny.width), tiny.vae_config(b.name, cfg.tiny.vae_width)
   else:
-    ucfg = UNetConfig.from_dict(model_configs.load(f"{b}_unet"))
-    vcfg = VAEConfig.from_dict(model_configs.load(f"{b}_vae"))
-    tokens = 77
+    net_name, vae_name = FULL_SIZE[b.name]
+    ncfg = KINDS[b.network_class].config_cls.from_dict(model_configs.load(net_name))
+    vcfg = VAEConfig.from_dict(model_configs.load(vae_name))
   kw = dict(param_dtype=DTYPES[m.param_dtype], attention=m.attention, remat=m.remat, mesh=mesh, rules=rules)
-  net_graph, ref = abstract_for("UNet2DConditionModel", ucfg, dtype=DTYPES[m.dtype], **kw)
+  net_graph, ref = abstract_for(b.network_class, ncfg, dtype=DTYPES[m.dtype], **kw)
   vae_graph, vae = abstract_for("AutoencoderKL", vcfg, dtype=DTYPES[m.vae_dtype], **kw)
   reward = _reward(cfg, mesh)
-  rows = {"context": ((tokens, ucfg.cross_attention_dim), DTYPES[m.dtype])}
-  if b == "sdxl":
-    pooled = ucfg.projection_class_embeddings_input_dim - 6 * ucfg.addition_time_embed_dim
-    rows.update(pooled=((pooled,), jnp.float32), time_ids=((6,), jnp.float32))
+  rows = _text_rows(b, ncfg, cfg.variant, DTYPES[m.dtype])
+  empty = _empty_rows(b, rows)
   if reward.tokenizer is not None:
     rows["reward_ids"] = ((reward.tokenizer.max_length,), jnp.int32)
-  empty = None if b == "sdxl" else {"context": jnp.zeros(rows["context"][0], rows["context"][1])}
   return dict(net_graph=net_graph, ref=ref, vae_graph=vae_graph, vae=vae, vae_config=vcfg, towers=[],
               reward=reward, gen=None, empty=empty, cond_rows=rows)
 
@@ -164,12 +200,14 @@ def _per_device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _measure(lowered, chip: Chip, compile_s_from: float, state, args) -> dict:
+def _measure(lowered, chip: Chip, num_devices: int, compile_s_from: float, state, args) -> dict:
   """Per-device memory and cost of the program compiled under the chip's HBM. A program XLA
   cannot fit there has no compiled program to ask (libtpu's no-crash-on-OOM option crashes on
   full-size steps): its temporaries are the figure of XLA's message, its arguments and outputs the
-  unpadded bytes of the input / donated-state shards, its cost unknown (None)."""
+  unpadded bytes of the input / donated-state shards, its FLOPs those of the lowered program, its
+  bytes accessed unknown (None)."""
   limit = {"xla_tpu_max_hbm_size_mib": str(chip.hbm_bytes // 2 ** 20)}
+  flops = program_flops(lowered.as_text(dialect="hlo")) / num_devices
   try:
     compiled, oom = lowered.compile(compiler_options=limit), None
   except jax.errors.JaxRuntimeError as e:
@@ -183,14 +221,16 @@ def _measure(lowered, chip: Chip, compile_s_from: float, state, args) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out.update(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-               code_bytes=int(mem.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)),
+               code_bytes=int(mem.generated_code_size_in_bytes), flops=flops,
+               xla_cost_flops=float(cost.get("flops", 0.0)),
                bytes_accessed=float(cost.get("bytes accessed", 0.0)), source="compiled")
   else:
     need = OOM_TEMPORARIES.search(oom)
     state_bytes = _per_device_bytes(state)
     out.update(argument_bytes=_per_device_bytes(args), output_bytes=state_bytes, alias_bytes=state_bytes,
                temp_bytes=int(float(need.group(1)) * 1024 ** "KMGT".index(need.group(2)) * 1024) if need else 0,
-               code_bytes=0, flops=None, bytes_accessed=None, source="xla_oom_message+shards")
+               code_bytes=0, flops=flops, xla_cost_flops=None, bytes_accessed=None,
+               source="xla_oom_message+shards")
   # donated inputs alias outputs: counted once
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
@@ -198,7 +238,7 @@ def _measure(lowered, chip: Chip, compile_s_from: float, state, args) -> dict:
 
 def _roofline(entry: dict, chip: Chip, hbm_margin: float):
   entry["fits"] = entry["oom"] is None and entry["total_bytes"] <= (1.0 - hbm_margin) * chip.hbm_bytes
-  if entry["flops"] is None:
+  if entry["bytes_accessed"] is None:   # not compiled: no program to time
     entry["est_step_s"] = entry["mfu_ceiling"] = None
     return
   t_flops = entry["flops"] / chip.peak_bf16_flops
@@ -245,18 +285,15 @@ def plan(cfg, topology: str, *, hbm_margin: float = 0.1, steps=("ta", "generator
     lowered = lower_chunk(fn, state, frozen, conds, pipe.mesh)
     lower_s = time.time() - t0
     with jax.set_mesh(pipe.mesh):
-      entry = _measure(lowered, chip, t0, state, (state, frozen, conds))
+      entry = _measure(lowered, chip, len(devices), t0, state, (state, frozen, conds))
     entry["lower_s"] = round(lower_s, 1)
     result["steps"][name] = entry
     log(f"compiled {name} for {topology} in {entry['compile_s']:.0f}s")
   s = result["steps"]
-  known = lambda *names: all(n in s and s[n]["flops"] is not None for n in names)
-  if known("ta", "generator"):   # per outer step, from the single-update programs
-    s["per_outer_step"] = {"flops": s["generator"]["flops"] + k * s["ta"]["flops"],
-                           "bytes_accessed": s["generator"]["bytes_accessed"] + k * s["ta"]["bytes_accessed"]}
-    if known("outer"):
-      s["outer"].update(flops_per_iteration=s["outer"]["flops"],
-                        bytes_accessed_per_iteration=s["outer"]["bytes_accessed"], **s["per_outer_step"])
+  if "ta" in s and "generator" in s:   # per outer step, from the single-update programs
+    both = lambda key: (None if None in (s["generator"][key], s["ta"][key])
+                        else s["generator"][key] + k * s["ta"][key])
+    s["per_outer_step"] = {"flops": both("flops"), "bytes_accessed": both("bytes_accessed")}
   for name, entry in s.items():
     if name != "per_outer_step":
       _roofline(entry, chip, hbm_margin)
@@ -272,11 +309,11 @@ def table(result: dict) -> str:
   for name, e in result["steps"].items():
     if name == "per_outer_step":
       continue
-    known = e["flops"] is not None
+    timed = e["est_step_s"] is not None
     lines.append(f"{name:<10}{e['argument_bytes'] / GiB:>9.2f}{e['temp_bytes'] / GiB:>9.2f}"
-                 f"{e['total_bytes'] / GiB:>10.2f}{'yes' if e['fits'] else 'NO':>6}"
-                 + (f"{e['flops'] / 1e12:>9.2f}{e['est_step_s']:>8.3f}{e['mfu_ceiling']:>9.2f}" if known
-                    else f"{'-':>9}{'-':>8}{'-':>9}") + f"{e['compile_s']:>10.0f}")
+                 f"{e['total_bytes'] / GiB:>10.2f}{'yes' if e['fits'] else 'NO':>6}{e['flops'] / 1e12:>9.2f}"
+                 + (f"{e['est_step_s']:>8.3f}{e['mfu_ceiling']:>9.2f}" if timed else f"{'-':>8}{'-':>9}")
+                 + f"{e['compile_s']:>10.0f}")
     if e["oom"]:
       lines.append(f"  {name}: {e['oom']}")
   return "\n".join(lines)
