@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from didr_jax import sharding as shd
 from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
 from didr_jax.models.layers import dense, embedding, layer_norm
@@ -171,7 +172,7 @@ class Encoder(nnx.Module):
     run = maybe_remat(_run_layer, self.remat)
     prev = x
     for layer in self.layers:
-      prev, x = x, run(layer, x)
+      prev, x = x, shd.constrain_batch(run(layer, x))
     return x, prev
 
 

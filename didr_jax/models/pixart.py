@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax import sharding as shd
 from didr_jax.models import layers
 from didr_jax.models.attention import dot_product_attention
 from didr_jax.models.remat import maybe_remat
@@ -293,7 +294,7 @@ class PixArtTransformer2DModel(nnx.Module):
     graphdef, stacked = nnx.split(self.transformer_blocks)
 
     def body(carry, layer):
-      return nnx.merge(graphdef, layer)(carry, t6, ctx, keep), None
+      return shd.constrain_batch(nnx.merge(graphdef, layer)(shd.constrain_batch(carry), t6, ctx, keep)), None
 
     h, _ = jax.lax.scan(maybe_remat(body, self.remat, prevent_cse=False), h, stacked)
     shift, scale = jnp.split((self.scale_shift_table[None] + embedded_t[:, None]).astype(h.dtype),

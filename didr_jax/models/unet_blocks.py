@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax import sharding as shd
 from didr_jax.models import layers
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
 from didr_jax.models.remat import REMAT_POLICIES, maybe_remat
@@ -51,11 +52,12 @@ def call_block(block: nnx.Module, remat: str, *args, **static):
   inside), which works in NNX graph and tree mode alike. ``static`` kwargs (e.g. output sizes)
   are closed over, so they stay Python values.
   """
+  args = jax.tree.map(shd.constrain_batch, args)   # batch-sharded in and out (sharding.constrain_batch)
   if remat == "none":
-    return block(*args, **static)
+    return jax.tree.map(shd.constrain_batch, block(*args, **static))
   graphdef, state = nnx.split(block)
   fn = maybe_remat(lambda st, *a: nnx.merge(graphdef, st)(*a, **static), remat)
-  return fn(state, *args)
+  return jax.tree.map(shd.constrain_batch, fn(state, *args))
 
 
 class _Opts:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax import sharding as shd
 from didr_jax.models.config_fields import check_field
 from didr_jax.models.attention import check_attention_impl, dot_product_attention
 from didr_jax.models.layers import RMSNorm, dense
@@ -216,7 +217,7 @@ def _scan(stack, x, args, remat: str):
   graphdef, state = nnx.split(stack)
 
   def body(h, layer_state):
-    return nnx.merge(graphdef, layer_state)(h, *args), None
+    return shd.constrain_batch(nnx.merge(graphdef, layer_state)(shd.constrain_batch(h), *args)), None
   return jax.lax.scan(maybe_remat(body, remat, prevent_cse=False), x, state)[0]
 
 
