@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 import time
 
@@ -73,6 +74,8 @@ def topology_devices(name: str):
     raise PlanError(f"--topology={name}: compiling for TPU needs libtpu; install it with "
                     f"pip install 'jax[tpu]=={jax.__version__}'")
   from jax.experimental import topologies
+  # deviceless: another process compiling for TPU (a plan, a test worker) must not lock us out
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   dims = tuple(int(d) for d in name.split(":")[1].split("x"))
   try:
     try:
