@@ -16,7 +16,6 @@ import os
 
 # Deviceless: never claim an attached accelerator (a plan may run next to a training job).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
